@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random transformers models (float32, eager, eval, seeded) used as the reference."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+import pytest
+import torch
+import transformers
+from transformers import GemmaConfig as HFGemmaConfig, GemmaForCausalLM as HFGemmaForCausalLM
+from transformers import PaliGemmaConfig as HFPaliGemmaConfig, PaliGemmaForConditionalGeneration as HFPaliGemma
+
+transformers.logging.set_verbosity_error()
+
+
+def perturb_norms(model, seed=0):
+    "Norm weights start at zero (Gemma) or one (LayerNorm); give them random values so checks exercise them."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and p.ndim == 1: p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def tiny_hf_gemma(seed=0, **kw):
+    "A tiny random HF GemmaForCausalLM."
+    torch.manual_seed(seed)
+    args = dict(vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=20, max_position_embeddings=256, rms_norm_eps=1e-6,
+                rope_theta=10000.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                hidden_activation="gelu_pytorch_tanh", attn_implementation="eager") | kw
+    return perturb_norms(HFGemmaForCausalLM(HFGemmaConfig(**args)).eval(), seed)
+
+
+def tiny_paligemma_config_dict(kv_heads=1, text=None, vision=None, **top):
+    "A PaliGemma config.json dict for a tiny model (both libraries read it)."
+    v = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, image_size=28, patch_size=7, num_channels=3, layer_norm_eps=1e-6,
+             vision_use_head=False) | (vision or {})
+    t = dict(model_type="gemma", vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=128,
+             rms_norm_eps=1e-6, rope_theta=10000.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+             hidden_activation="gelu_pytorch_tanh") | (text or {})
+    return dict(vision_config=v, text_config=t, image_token_index=299, vocab_size=t["vocab_size"],
+                projection_dim=t["hidden_size"], hidden_size=t["hidden_size"], pad_token_id=0, bos_token_id=2,
+                eos_token_id=1) | top
+
+
+def tiny_hf_paligemma(seed=0, **kw):
+    "A tiny random HF PaliGemmaForConditionalGeneration."
+    torch.manual_seed(seed)
+    cfg = HFPaliGemmaConfig(**tiny_paligemma_config_dict(**kw), attn_implementation="eager")
+    return perturb_norms(HFPaliGemma(cfg).eval(), seed)
+
+
+def left_padded_batch(lengths, vocab, seed=0, low=3):
+    "Random ids (B, T) left-padded with 0, and the mask."
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(low, vocab, (n,), generator=g)
+        mask[b, T - n:] = 1
+    return ids, mask

@@ -1,0 +1,38 @@
+"""Write README.md from nbs/index.ipynb (the front page), or check that they agree.
+
+Quarto (nbdev_readme) is not used: this keeps the two in sync with no extra tool. Markdown cells are copied, code
+cells become ```python blocks (cells starting with `#| hide` are skipped), image links are rewritten relative to the
+repository root. Usage: python scripts/make_readme.py [--check]
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = "<!-- Generated from nbs/index.ipynb by scripts/make_readme.py: edit the notebook, not this file. -->\n\n"
+
+
+def render(nb_path=ROOT / "nbs" / "index.ipynb") -> str:
+    "README text for the index notebook."
+    cells = json.loads(Path(nb_path).read_text())["cells"]
+    parts = []
+    for c in cells:
+        src = "".join(c["source"]).strip()
+        if not src or src.startswith("#| hide"): continue
+        if c["cell_type"] == "markdown":
+            parts.append(re.sub(r"\]\((images/[^)]+)\)", r"](nbs/\1)", src))
+        elif c["cell_type"] == "code":
+            parts.append("```python\n" + src + "\n```")
+    return HEADER + "\n\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    text, readme = render(), ROOT / "README.md"
+    if "--check" in sys.argv:
+        if readme.read_text() != text:
+            sys.exit("README.md is out of date with nbs/index.ipynb: run python scripts/make_readme.py")
+        print("README.md matches nbs/index.ipynb")
+    else:
+        readme.write_text(text)
+        print(f"wrote {readme}")

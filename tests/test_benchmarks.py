@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end (tiny configs, CPU); no timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def run(args, timeout=300):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_gpu_check_tiny_cpu_matches(tmp_path):
+    out = tmp_path / "gpu_check.md"
+    text = run(["benchmarks/gpu_check.py", "--tiny", "--device", "cpu", "--out", str(out)])
+    assert "float32 parity: MATCH" in text
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["ok"] and res["parity"]["float32"]["rel_err_all"] <= 1e-4
+    assert res["parity"]["float32"]["tokens_equal"] == 1.0
+    assert out.read_text().startswith("# gpu_check (tiny")
+
+
+def test_run_quick_writes_table(tmp_path):
+    run(["benchmarks/run.py", "--quick", "--sizes", "tiny", "--threads", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "results.md").read_text()
+    assert "| decode, batch 1 (tok/s) |" in table and "| prefill latency, batch 1 (ms) |" in table
+    assert (tmp_path / "decode_vs_length.png").exists() and (tmp_path / "speedups.png").exists()
+    assert set(json.loads((tmp_path / "results.json").read_text())["sizes"]) == {"tiny"}

@@ -1,0 +1,71 @@
+"""The paligemma-edu command: generate on a checkpoint written here, demo on the bundled model, one-line errors."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from paligemma_edu.cli import main
+from paligemma_edu.shapes import make_scene
+from paligemma_edu.train import load_bundled_model
+
+EXE = shutil.which("paligemma-edu")
+
+
+def run(*args):
+    cmd = [EXE, *args] if EXE else [sys.executable, "-c", "import sys; from paligemma_edu.cli import main; sys.exit(main())", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    "A checkpoint folder written by our save_pretrained (weights, config, tokenizer, preprocessor)."
+    d = tmp_path_factory.mktemp("ckpt")
+    model, processor = load_bundled_model()
+    model.save_pretrained(d / "model", processor=processor)
+    image, _ = make_scene(3)
+    image.save(d / "scene.png")
+    return d
+
+
+def test_generate_from_written_checkpoint(checkpoint):
+    out = checkpoint / "boxes.png"
+    r = run("generate", "--model", str(checkpoint / "model"), "--image", str(checkpoint / "scene.png"),
+            "--prompt", "caption en", "--max-new-tokens", "12", "--boxes", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and out.exists()
+
+
+def test_generate_several_images_and_sampling(checkpoint, capsys):
+    img = str(checkpoint / "scene.png")
+    assert main(["generate", "--model", str(checkpoint / "model"), "--image", img, "--image", img,
+                 "--prompt", "answer en how many shapes are there?", "--sample", "--seed", "1", "--top-p", "0.9"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("->" in l for l in lines)
+
+
+def test_demo_writes_picture(tmp_path):
+    out = tmp_path / "demo.png"
+    r = run("demo", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and out.stat().st_size > 1000
+    assert "detect" in r.stdout and "caption en" in r.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["generate", "--image", "/no/such/image.png", "--prompt", "caption en"], "/no/such/image.png"),
+    (["generate", "--model", "/no/such/folder", "--image", "__IMG__", "--prompt", "caption en"], "/no/such/folder"),
+    (["generate", "--image", "__IMG__", "--image", "__IMG__", "--prompt", "a", "--prompt", "b", "--prompt", "c"], "3 prompts for 2 images"),
+])
+def test_errors_are_one_line(checkpoint, args, expected):
+    args = [str(checkpoint / "scene.png") if a == "__IMG__" else a for a in args]
+    r = run(*args)
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert expected in err
+
+
+def test_help_lists_commands():
+    r = run("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("generate", "demo", "train", "evaluate"))

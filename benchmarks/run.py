@@ -63,7 +63,28 @@ def full_config() -> dict:
     return _pg(v, _text(257216, 2048, 16384, 18, 8, 1, 256, 8192), 257152, "paligemma-3b-pt-224 shapes")
 
 
-SIZES = {"tiny": (tiny_config, "float32"), "mid": (mid_config, "float32"), "full": (full_config, "bfloat16")}
+def _gemma2(t, kv, window=4096):
+    "A Gemma 2 text config from a Gemma one: kv heads, soft-capping, sliding windows on alternate layers."
+    return t | dict(model_type="gemma2", num_key_value_heads=kv, query_pre_attn_scalar=t["head_dim"],
+                    sliding_window=window, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+
+
+def mid2_config() -> dict:
+    "PaliGemma 2 shape at the mid size: the mid vision tower + a Gemma 2 768x12 with 2 kv heads."
+    d = mid_config()
+    d["text_config"] = _gemma2(d["text_config"], kv=2)
+    return d | {"_source": "mid, PaliGemma 2 (Gemma 2 text model)"}
+
+
+def full2_config() -> dict:
+    "paligemma2-3b-pt-224 shapes (Gemma 2 2B: 2304 wide, 26 layers, 8 heads, 4 kv heads)."
+    v = full_config()["vision_config"] | {"projection_dim": 2304}
+    t = _gemma2(_text(257216, 2304, 9216, 26, 8, 4, 256, 8192), kv=4) | {"query_pre_attn_scalar": 256}
+    return _pg(v, t, 257152, "paligemma2-3b-pt-224 shapes")
+
+
+SIZES = {"tiny": (tiny_config, "float32"), "mid": (mid_config, "float32"), "full": (full_config, "bfloat16"),
+         "mid2": (mid2_config, "float32"), "full2": (full2_config, "bfloat16")}
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -334,7 +355,7 @@ def plot_ratios(rows: dict, path: Path):
     fig, ax = plt.subplots(figsize=(5.5, 3), dpi=80)
     w = 0.8 / (2 * len(rows))
     for i, (size, r) in enumerate(rows.items()):
-        for j, hf in enumerate(("hf_eager", "hf_sdpa")):
+        for j, hf in enumerate(h for h in ("hf_eager", "hf_sdpa") if h in r):
             # speed-up of ours: tokens/s ratio, or inverse latency ratio
             vals = [r["ours"][m] / r[hf][m] if "tok_s" in m else r[hf][m] / r["ours"][m] for m, _ in metrics]
             ax.bar([k + (2 * i + j) * w for k in range(len(metrics))], vals, w, label=f"{size} vs {hf}")
@@ -384,19 +405,20 @@ def write_report(out: Path, info: dict) -> Path:
         for key, name, unit in (("prefill_s", "prefill latency, batch 1", "ms"), ("ttft_b1_s", "time to first token, batch 1", "ms"),
                                 ("ttft_b8_s", "time to first token, batch 8", "ms"),
                                 ("decode_b1_tok_s", "decode, batch 1", "tok/s"), ("decode_b8_tok_s", "decode, batch 8", "tok/s")):
-            vals = [r[i][key] for i in IMPLS]
-            show = [x * 1e3 for x in vals] if unit == "ms" else vals
+            vals = [r[i][key] if i in r else None for i in IMPLS]  # HF has no sdpa path for Gemma 2
+            show = [x * 1e3 if unit == "ms" and x is not None else x for x in vals]
             # ratio reported as a speed-up of ours (>1 = ours faster) for both latencies and throughputs
-            sp = [vals[0] / x if unit == "tok/s" else x / vals[0] for x in vals[1:]]
+            sp = ["n/a" if x is None else f"{vals[0] / x if unit == 'tok/s' else x / vals[0]:.2f}x" for x in vals[1:]]
+            show = ["n/a" if x is None else fmt(x) for x in show]
             roof = s["roofline"].get(key)
-            L.append(f"| {name} ({unit}) | {fmt(show[0])} | {fmt(show[1])} | {fmt(show[2])} | {sp[0]:.2f}x | {sp[1]:.2f}x | "
+            L.append(f"| {name} ({unit}) | {show[0]} | {show[1]} | {show[2]} | {sp[0]} | {sp[1]} | "
                      f"{'' if roof is None else f'{roof:.0%}'} |")
         ld = s["load"]
         for key, name in (("load_s", "checkpoint load (s)"), ("peak_rss_delta_mb", "peak RSS increase while loading (MiB)"),
                           ("rss_after_mb", "RSS increase after loading (MiB)")):
-            vals = [ld[i][key] for i in IMPLS]
-            rt = [f"{x / vals[0]:.2f}x" if vals[0] > 0 else "n/a" for x in vals[1:]]
-            L.append(f"| {name} | {fmt(vals[0])} | {fmt(vals[1])} | {fmt(vals[2])} | {rt[0]} | {rt[1]} | "
+            vals = [ld[i][key] if i in ld else None for i in IMPLS]
+            rt = [f"{x / vals[0]:.2f}x" if x is not None and vals[0] > 0 else "n/a" for x in vals[1:]]
+            L.append(f"| {name} | {fmt(vals[0])} | {fmt(vals[1])} | {fmt(vals[2]) if vals[2] is not None else 'n/a'} | {rt[0]} | {rt[1]} | "
                      f"weights {ld['ours']['params_mb']:.0f} MiB |")
         cv = s.get("curve")
         if cv:
@@ -431,10 +453,10 @@ def targets_table(info) -> list:
     for size, s in info["sizes"].items():
         r = s["results"]
         for key, goal in (("decode_b1_tok_s", 2.0), ("decode_b8_tok_s", 1.5)):
-            best = max(r["hf_eager"][key], r["hf_sdpa"][key])
+            best = max(r[h][key] for h in ("hf_eager", "hf_sdpa") if h in r)
             x = r["ours"][key] / best
             L.append(f"| {size} | decode batch {key[8]} >= {goal}x HF | {x:.2f}x | {'yes' if x >= goal else 'no'} |")
-        best = min(r["hf_eager"]["prefill_s"], r["hf_sdpa"]["prefill_s"])
+        best = min(r[h]["prefill_s"] for h in ("hf_eager", "hf_sdpa") if h in r)
         x = best / r["ours"]["prefill_s"]
         L.append(f"| {size} | prefill no slower (speed-up >= 1x) | {x:.2f}x | {'yes' if x >= 1 else 'no'} |")
         if s.get("curve"):
@@ -447,6 +469,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,mid")
     ap.add_argument("--full", action="store_true", help="also run the paligemma-3b-pt-224 shape (bf16, ~6 GiB, slow)")
+    # sizes: tiny, mid, full (PaliGemma), mid2, full2 (PaliGemma 2 shapes; transformers runs Gemma 2 in eager only)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--quick", action="store_true", help="few tokens, one round: proves the command works")
     ap.add_argument("--rounds", type=int, default=None)
@@ -506,13 +529,14 @@ def main(argv=None):
             reps = a.reps * 2 if size == "tiny" and not q else a.reps  # tiny runs are cheap and noisy: more repetitions
             kw = dict(model=folder, dtype=dtype, reps=reps, new_tokens=a.new_tokens)
             print(f"{size}: {cnt['total'] / 1e6:.1f}M params, saved", flush=True)
-            runs = {i: [] for i in IMPLS}
+            impls = IMPLS if cfg["text_config"]["model_type"] == "gemma" else IMPLS[:2]  # HF Gemma 2: eager only
+            runs = {i: [] for i in impls}
             for r in range(a.rounds):
-                for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1]):  # alternate the order round by round
+                for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate the order round by round
                     runs[impl].append(spawn("speed", a, impl=impl, **kw))
                     print(f"  round {r} {impl}: {runs[impl][-1]['decode_b1_tok_s']:.1f} tok/s b1", flush=True)
-            res = {i: pool(runs[i]) for i in IMPLS}
-            load = {i: {k: statistics.median(r[k] for r in runs[i]) for k in LOAD_KEYS} for i in IMPLS}
+            res = {i: pool(runs[i]) for i in impls}
+            load = {i: {k: statistics.median(r[k] for r in runs[i]) for k in LOAD_KEYS} for i in impls}
             n_img = (cfg["vision_config"]["image_size"] // cfg["vision_config"]["patch_size"]) ** 2
             T = n_img + PROMPT_LEN
             bpe = 2 if dtype == "bfloat16" else 4
@@ -525,7 +549,7 @@ def main(argv=None):
             entry = dict(config=cfg, counts=cnt, dtype=dtype, n_image_tokens=n_img, results=res, load=load, roofline=roof,
                          raw=runs, decode_roofline_tok_s={B: B * bw / decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe)
                                                           for B in (1, 8)})
-            if size != "full":
+            if not size.startswith("full"):
                 print(f"  curve ...", flush=True)
                 cv = spawn("curve", a, model=folder, dtype=dtype, reps=1 if q else 2, max_len=a.max_len,
                            max_len_nocache=a.max_len_nocache)

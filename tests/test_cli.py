@@ -56,6 +56,7 @@ def test_demo_writes_picture(tmp_path):
     (["generate", "--image", "/no/such/image.png", "--prompt", "caption en"], "/no/such/image.png"),
     (["generate", "--model", "/no/such/folder", "--image", "__IMG__", "--prompt", "caption en"], "/no/such/folder"),
     (["generate", "--image", "__IMG__", "--image", "__IMG__", "--prompt", "a", "--prompt", "b", "--prompt", "c"], "3 prompts for 2 images"),
+    (["train", "--out", "/tmp/never-written", "--recipe", '{"learning_rate": 1}'], "unknown recipe keys ['learning_rate']"),
 ])
 def test_errors_are_one_line(checkpoint, args, expected):
     args = [str(checkpoint / "scene.png") if a == "__IMG__" else a for a in args]

@@ -1,0 +1,139 @@
+"""Compare training recipes for the bundled shapes model, several at once, one process per recipe.
+
+    python scripts/recipe_sweep.py --measure                     # CPU seconds per step of each variant (2 threads)
+    python scripts/recipe_sweep.py --device cuda --out DIR       # train every variant in parallel on one GPU
+    python scripts/recipe_sweep.py --only base,lr1e3 --device cpu --scale 0.01 --out DIR   # a quick smoke run
+
+Each variant is a set of overrides of `BUNDLED_RECIPE`. Step counts are chosen so that every variant costs about the
+same on 2 CPU cores (the budget of the bundled recipe), so the comparison is between recipes a CPU user can actually
+run; a GPU only makes the comparison quicker. Every process logs its held-out accuracy as it goes and ends with a
+greedy evaluation on `--n` held-out scenes per task; DIR/summary.md and DIR/summary.json collect what finished.
+"""
+from __future__ import annotations
+import argparse, json, os, subprocess, sys, tempfile, time
+from pathlib import Path
+
+P8S = dict(patch_size=8, text_width=128, text_layers=3, text_heads=4, head_dim=32)
+VARIANTS = {
+    "base": {},
+    "lr1e3": dict(lr=1e-3),
+    "lr5e4": dict(lr=5e-4),
+    "bs16": dict(batch_size=16, steps=12000),
+    "vlr3": dict(vision_lr_mult=3.0),
+    "det3": dict(task_weights={"caption": 1.0, "detect": 3.0, "color": 1.0, "count": 1.0}),
+    "lr1e3_det3": dict(lr=1e-3, task_weights={"caption": 1.0, "detect": 3.0, "color": 1.0, "count": 1.0}),
+    "vbig": dict(vision_width=192, vision_layers=6, vision_heads=3, text_width=128, text_layers=3, head_dim=32, steps=5000),
+    "p8s": dict(P8S, steps=4500),
+    "p8s_lr1e3": dict(P8S, steps=4500, lr=1e-3),
+    "p8s_vlr3": dict(P8S, steps=4500, vision_lr_mult=3.0),
+    "p8s_bs16": dict(P8S, steps=9000, batch_size=16),
+}
+
+
+def measure(names, steps=12):
+    "CPU seconds per training step (data included) of each variant, 2 threads."
+    import torch
+    from paligemma_edu.train import BUNDLED_RECIPE, train_bundled_model
+    torch.set_num_threads(2)
+    for n in names:
+        with tempfile.TemporaryDirectory() as d:
+            r = {k: v for k, v in VARIANTS[n].items() if k != "steps"}
+            _, _, h = train_bundled_model(d, steps=steps, recipe=r, eval_every=10**9, progress=False)
+            t = (h[-1]["time"] - h[0]["time"]) / (h[-1]["step"] - h[0]["step"])
+            st = (BUNDLED_RECIPE | VARIANTS[n])["steps"]
+            print(f"{n:10s} {t * 1e3:6.0f} ms/step  x {st} steps = {t * st / 60:5.1f} min", flush=True)
+
+
+def one(name, out, device, scale, n_eval, deadline):
+    "Train one variant (stopping early at the wall-clock deadline) and write out/name.json."
+    import torch
+    from paligemma_edu import train as T
+    torch.set_num_threads(1)
+    r = T.BUNDLED_RECIPE | VARIANTS[name]
+    steps = max(2, int(r["steps"] * scale))
+    hist, t0 = [], time.perf_counter()
+
+    class Stop(Exception): pass
+
+    def log(rec):
+        hist.append(rec)
+        if "eval_loss" in rec:  # keep what is known so far on disk, in case the run is cut short
+            (Path(out) / f"{name}.json").write_text(json.dumps(dict(name=name, recipe=VARIANTS[name], steps=steps,
+                                                    finished=False, history=hist, seconds=time.perf_counter() - t0)))
+            acc = {k: round(v, 2) for k, v in rec.items() if k.startswith(("acc_", "hit_"))}
+            print(f"[{name}] step {rec['step']} loss {rec['loss']:.3f} eval {rec['eval_loss']:.3f} {acc}", flush=True)
+        if time.time() > deadline: raise Stop
+
+    model = processor = None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            model, processor, _ = T.train_bundled_model(d, steps=steps, recipe=VARIANTS[name], progress=False, on_log=log,
+                                                        eval_every=max(1, steps // 10), device=device)
+            finished = True
+        except Stop:
+            finished = False
+        if model is None:  # stopped early: evaluate nothing but the logged history
+            res = dict(name=name, recipe=VARIANTS[name], steps=steps, finished=False, history=hist,
+                       seconds=time.perf_counter() - t0)
+        else:
+            model.to(device)
+            m = T.evaluate_model(model, processor, n_eval)
+            res = dict(name=name, recipe=VARIANTS[name], steps=steps, finished=finished, metrics=m, history=hist,
+                       seconds=time.perf_counter() - t0)
+    (Path(out) / f"{name}.json").write_text(json.dumps(res))
+    print(f"[{name}] done in {res['seconds']:.0f} s", flush=True)
+
+
+def summarise(out):
+    rows = []
+    for f in sorted(Path(out).glob("*.json")):
+        if f.name == "summary.json": continue
+        r = json.loads(f.read_text())
+        m = r.get("metrics")
+        last = next((h for h in reversed(r["history"]) if "eval_loss" in h), {})
+        rows.append(dict(name=r["name"], steps=r["steps"], finished=r["finished"], seconds=round(r["seconds"]),
+                         color=m and m["color"]["exact"], count=m and m["count"]["exact"],
+                         caption=m and m["caption"]["exact"], det_hit=m and m["detect"]["hit@0.5"],
+                         det_iou=m and m["detect"]["mean_iou"], last_step=last.get("step"),
+                         last_eval_loss=last.get("eval_loss"), history=r["history"]))
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = ["| variant | steps | finished | s | colour | count | caption | det IoU>=.5 | det mIoU | last eval loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['steps']} | {r['finished']} | {r['seconds']} | {fmt(r['color'])} | {fmt(r['count'])} | "
+              f"{fmt(r['caption'])} | {fmt(r['det_hit'])} | {fmt(r['det_iou'])} | {fmt(r['last_eval_loss'])} |" for r in rows]
+    (Path(out) / "summary.md").write_text("\n".join(lines) + "\n")
+    (Path(out) / "summary.json").write_text(json.dumps(rows))
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    ap.add_argument("--measure", action="store_true", help="print CPU seconds per step of each variant and exit")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every variant's steps (smoke runs)")
+    ap.add_argument("--n", type=int, default=200, help="held-out scenes per task in the final evaluation")
+    ap.add_argument("--seconds", type=float, default=3600, help="wall-clock budget; runs stop and report at the end")
+    ap.add_argument("--out", default="sweep_out")
+    ap.add_argument("--summarise", action="store_true", help="only rebuild DIR/summary.* from the per-variant files")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    names = a.only.split(",") if a.only else list(VARIANTS)
+    bad = [n for n in names if n not in VARIANTS]
+    if bad: ap.error(f"unknown variants {bad}; expected among {list(VARIANTS)}")
+    if a.measure: return measure(names)
+    if a.summarise: return summarise(a.out)
+    if a.one: return one(a.one, a.out, a.device, a.scale, a.n, a.deadline)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + a.seconds
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, __file__, "--one", n, "--out", a.out, "--device", a.device,
+                               "--scale", str(a.scale), "--n", str(a.n), "--deadline", str(deadline)], env=env)
+             for n in names]
+    for p in procs: p.wait()
+    summarise(a.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,20 +14,26 @@ import argparse, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 P8S = dict(patch_size=8, text_width=128, text_layers=3, text_heads=4, head_dim=32)
+# The recipe the comparison started from (before the shape question existed; it gets weight 0 here). Every variant
+# is this plus its own overrides, so the names keep their meaning whatever BUNDLED_RECIPE becomes.
+START = dict(lr=2e-3, task_weights={"caption": 1.0, "detect": 1.5, "color": 1.0, "count": 1.0, "shape": 0.0})
+W3 = {"caption": 1.0, "detect": 3.0, "color": 1.0, "count": 1.0, "shape": 0.0}
 VARIANTS = {
     "base": {},
     "lr1e3": dict(lr=1e-3),
     "lr5e4": dict(lr=5e-4),
     "bs16": dict(batch_size=16, steps=12000),
     "vlr3": dict(vision_lr_mult=3.0),
-    "det3": dict(task_weights={"caption": 1.0, "detect": 3.0, "color": 1.0, "count": 1.0}),
-    "lr1e3_det3": dict(lr=1e-3, task_weights={"caption": 1.0, "detect": 3.0, "color": 1.0, "count": 1.0}),
+    "det3": dict(task_weights=W3),
+    "lr1e3_det3": dict(lr=1e-3, task_weights=W3),
+    "lr1e3_det3_shape": dict(lr=1e-3, task_weights=W3 | {"shape": 1.5}),  # the bundled recipe
     "vbig": dict(vision_width=192, vision_layers=6, vision_heads=3, text_width=128, text_layers=3, head_dim=32, steps=5000),
     "p8s": dict(P8S, steps=4500),
     "p8s_lr1e3": dict(P8S, steps=4500, lr=1e-3),
     "p8s_vlr3": dict(P8S, steps=4500, vision_lr_mult=3.0),
     "p8s_bs16": dict(P8S, steps=9000, batch_size=16),
 }
+VARIANTS = {k: START | v for k, v in VARIANTS.items()}
 
 
 def measure(names, steps=12):

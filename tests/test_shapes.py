@@ -155,6 +155,10 @@ def test_tasks_and_answers():
     assert pairs["answer en what color is the circle?"] == "red"
     assert "answer en what color is the triangle?" not in pairs
     assert pairs["answer en how many shapes are there?"] == "2"
+    assert pairs["answer en what shapes are red?"] == "circle" and pairs["answer en what shapes are blue?"] == "square"
+    assert "answer en what shapes are green?" not in pairs
+    same = Scene([ShapeObject("square", "red", (30, 40, 50, 60)), ShapeObject("circle", "red", (5, 5, 20, 20))])
+    assert dict(scene_tasks(same, tasks=("shape",))) == {"answer en what shapes are red?": "circle and square"}
     three = Scene([ShapeObject("triangle", "green", (0, 40, 20, 60)), ShapeObject("square", "blue", (30, 20, 50, 40)),
                    ShapeObject("circle", "red", (5, 0, 20, 15))])
     assert caption(three) == "a red circle, a blue square and a green triangle"

@@ -4,7 +4,8 @@
     python scripts/recipe_sweep.py --device cuda --out DIR       # train every variant in parallel on one GPU
     python scripts/recipe_sweep.py --only base,lr1e3 --device cpu --scale 0.01 --out DIR   # a quick smoke run
 
-Each variant is a set of overrides of `BUNDLED_RECIPE`. Step counts are chosen so that every variant costs about the
+Each variant is `START` (the recipe the comparison began from) plus its own overrides, applied on top of
+`BUNDLED_RECIPE`. Step counts are chosen so that every variant costs about the
 same on 2 CPU cores (the budget of the bundled recipe), so the comparison is between recipes a CPU user can actually
 run; a GPU only makes the comparison quicker. Every process logs its held-out accuracy as it goes and ends with a
 greedy evaluation on `--n` held-out scenes per task; DIR/summary.md and DIR/summary.json collect what finished.
@@ -70,43 +71,39 @@ def one(name, out, device, scale, n_eval, deadline):
             print(f"[{name}] step {rec['step']} loss {rec['loss']:.3f} eval {rec['eval_loss']:.3f} {acc}", flush=True)
         if time.time() > deadline: raise Stop
 
-    model = processor = None
+    res = dict(name=name, recipe=VARIANTS[name], steps=steps, finished=False, history=hist)
     with tempfile.TemporaryDirectory() as d:
         try:
             model, processor, _ = T.train_bundled_model(d, steps=steps, recipe=VARIANTS[name], progress=False, on_log=log,
                                                         eval_every=max(1, steps // 10), device=device)
-            finished = True
-        except Stop:
-            finished = False
-        if model is None:  # stopped early: evaluate nothing but the logged history
-            res = dict(name=name, recipe=VARIANTS[name], steps=steps, finished=False, history=hist,
-                       seconds=time.perf_counter() - t0)
+        except Stop:  # cut short: only the logged history is reported
+            pass
         else:
-            model.to(device)
-            m = T.evaluate_model(model, processor, n_eval)
-            res = dict(name=name, recipe=VARIANTS[name], steps=steps, finished=finished, metrics=m, history=hist,
-                       seconds=time.perf_counter() - t0)
+            res.update(finished=True, metrics=T.evaluate_model(model.to(device), processor, n_eval))
+    res["seconds"] = time.perf_counter() - t0
     (Path(out) / f"{name}.json").write_text(json.dumps(res))
     print(f"[{name}] done in {res['seconds']:.0f} s", flush=True)
 
 
 def summarise(out):
+    "Collect DIR/*.json (one per variant) into DIR/summary.md and DIR/summary.json."
     rows = []
     for f in sorted(Path(out).glob("*.json")):
         if f.name == "summary.json": continue
         r = json.loads(f.read_text())
-        m = r.get("metrics")
         last = next((h for h in reversed(r["history"]) if "eval_loss" in h), {})
+        scores = {t: m["exact"] for t, m in r.get("metrics", {}).items()}
+        if "detect" in r.get("metrics", {}):
+            scores |= {"det_hit": r["metrics"]["detect"]["hit@0.5"], "det_iou": r["metrics"]["detect"]["mean_iou"]}
         rows.append(dict(name=r["name"], steps=r["steps"], finished=r["finished"], seconds=round(r["seconds"]),
-                         color=m and m["color"]["exact"], count=m and m["count"]["exact"],
-                         caption=m and m["caption"]["exact"], det_hit=m and m["detect"]["hit@0.5"],
-                         det_iou=m and m["detect"]["mean_iou"], last_step=last.get("step"),
-                         last_eval_loss=last.get("eval_loss"), history=r["history"]))
+                         scores=scores, last_step=last.get("step"), last_eval_loss=last.get("eval_loss"),
+                         history=r["history"]))
+    cols = sorted({k for r in rows for k in r["scores"]})
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    lines = ["| variant | steps | finished | s | colour | count | caption | det IoU>=.5 | det mIoU | last eval loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['steps']} | {r['finished']} | {r['seconds']} | {fmt(r['color'])} | {fmt(r['count'])} | "
-              f"{fmt(r['caption'])} | {fmt(r['det_hit'])} | {fmt(r['det_iou'])} | {fmt(r['last_eval_loss'])} |" for r in rows]
+    row = lambda cells: "| " + " | ".join(cells) + " |"
+    lines = [row(["variant", "steps", "finished", "s", *cols, "last eval loss"]), row(["---"] * (len(cols) + 5))]
+    lines += [row([r["name"], str(r["steps"]), str(r["finished"]), str(r["seconds"]),
+                   *(fmt(r["scores"].get(c)) for c in cols), fmt(r["last_eval_loss"])]) for r in rows]
     (Path(out) / "summary.md").write_text("\n".join(lines) + "\n")
     (Path(out) / "summary.json").write_text(json.dumps(rows))
     print("\n".join(lines), flush=True)

@@ -6,7 +6,7 @@ import pytest
 
 from paligemma_edu.shapes import (BACKGROUNDS, COLORS, LOC_BINS, LOC_TOKENS, SHAPES, TASKS, Scene, ShapeObject,
                                   ShapesDataset, box_iou, caption, collate_examples, detect_answer, evaluate,
-                                  loc_tokens, make_example, make_scene, parse_detections, sample_scene, scene_tasks,
+                                  loc_tokens, make_example, make_scene, parse_detections, sample_scene, scene_masks, scene_tasks,
                                   score, task_kind, task_texts, task_words)
 
 SEEDS = range(60)
@@ -104,6 +104,24 @@ def test_shape_fills_its_box(scenes):
             y0, x0, y1, x1 = o.bbox
             mask = (px[y0:y1, x0:x1] == COLORS[o.color]).all(-1)
             assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any(), o
+
+
+def test_scene_masks_label_exactly_the_drawn_pixels(scenes):
+    "Each pixel's labels name the shape and colour drawn there; the background is 0 in both maps."
+    palette = np.array([(0, 0, 0)] + list(COLORS.values()))
+    for img, sc in scenes:
+        px = np.asarray(img)
+        shape_map, color_map = scene_masks(sc)
+        assert shape_map.shape == color_map.shape == (64, 64) and shape_map.dtype == np.uint8
+        fg = color_map > 0
+        assert ((shape_map > 0) == fg).all()
+        assert (palette[color_map][fg] == px[fg]).all()
+        assert (px[~fg] == BACKGROUNDS[sc.background]).all()
+        for o in sc.objects:
+            y0, x0, y1, x1 = o.bbox
+            inside = shape_map[y0:y1, x0:x1]
+            assert set(np.unique(inside)) <= {0, 1 + SHAPES.index(o.shape)}, o
+            assert (inside > 0).sum() == (shape_map == 1 + SHAPES.index(o.shape)).sum()  # nothing outside its box
 
 
 def test_detection_round_trip_within_one_bin():

@@ -31,6 +31,10 @@ VARIANTS = {
     "lr1e3_det3_shape": dict(lr=1e-3, task_weights=W3 | {"shape": 1.5}),  # the bundled recipe before pretraining
     "pretrained": dict(lr=1e-3, steps=5000, vision_pretrain_steps=1000, vision_lr_mult=0.1,  # the bundled recipe
                        task_weights={"caption": 1.5, "detect": 2.0, "color": 1.5, "count": 0.5, "shape": 1.5}),
+    "pretrained_cap": dict(lr=1e-3, steps=5000, vision_pretrain_steps=1000, vision_lr_mult=0.1,
+                           task_weights={"caption": 2.5, "detect": 2.0, "color": 1.0, "count": 0.5, "shape": 2.0}),
+    "pretrained_cap_det3": dict(lr=1e-3, steps=5000, vision_pretrain_steps=1000, vision_lr_mult=0.1,
+                                task_weights={"caption": 2.5, "detect": 3.0, "color": 1.0, "count": 0.5, "shape": 2.0}),
     "vbig": dict(vision_width=192, vision_layers=6, vision_heads=3, text_width=128, text_layers=3, head_dim=32, steps=5000),
     "p8s": dict(P8S, steps=4500),
     "p8s_lr1e3": dict(P8S, steps=4500, lr=1e-3),

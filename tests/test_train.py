@@ -28,6 +28,14 @@ def bundled():
     "The bundled model (float32) and its processor."
     return load_bundled_model()
 
+def _small_model(processor):
+    "A randomly initialised (seed 0) PaliGemma a few thousand parameters big, for the bundled processor's images."
+    tok = processor.tokenizer
+    patch = 64 // math.isqrt(processor.image_seq_length)  # the bundled processor fixes the number of image tokens
+    cfg = make_tiny_config(len(tok), tok.image_token_id, patch_size=patch, vision_width=32, vision_layers=1,
+                           vision_heads=1, text_width=32, text_layers=1, text_heads=2, head_dim=16)
+    return init_weights(PaliGemmaForConditionalGeneration(cfg), seed=0)
+
 
 def test_bundled_folder_is_complete():
     p = bundled_model_path()
@@ -98,11 +106,7 @@ def test_training_reduces_loss(bundled):
     "A few seeded steps on a tiny config bring the loss down from about ln(V)."
     _, processor = bundled
     tok = processor.tokenizer
-    patch = 64 // math.isqrt(processor.image_seq_length)  # the bundled processor fixes the number of image tokens
-    cfg = make_tiny_config(len(tok), tok.image_token_id, patch_size=patch, vision_width=32, vision_layers=1,
-                           vision_heads=1, text_width=32, text_layers=1, text_heads=2, head_dim=16)
-    torch.manual_seed(0)
-    model = init_weights(PaliGemmaForConditionalGeneration(cfg), seed=0)
+    model = _small_model(processor)
     hist = train(model, processor, ShapesMix(seed=5), eval_data=held_out_set(2), steps=24, batch_size=8, lr=1e-2,
                  warmup=4, eval_every=12, log_every=4, seed=0, progress=False)
     assert hist[0]["loss"] == pytest.approx(math.log(len(tok)), rel=0.15)
@@ -157,22 +161,10 @@ def test_param_groups_cover_every_parameter_once(bundled):
 def test_training_stops_when_the_loss_is_not_finite(bundled):
     "A diverged run raises at once instead of training on NaNs."
     _, processor = bundled
-    tok = processor.tokenizer
-    patch = 64 // math.isqrt(processor.image_seq_length)
-    cfg = make_tiny_config(len(tok), tok.image_token_id, patch_size=patch, vision_width=32, vision_layers=1,
-                           vision_heads=1, text_width=32, text_layers=1, text_heads=2, head_dim=16)
-    model = init_weights(PaliGemmaForConditionalGeneration(cfg), seed=0)
+    model = _small_model(processor)
     with torch.no_grad(): model.multi_modal_projector.linear.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="diverged.*step 1"):
         train(model, processor, ShapesMix(seed=5), steps=3, batch_size=2, progress=False)
-
-
-def _small_model(processor, **kw):
-    tok = processor.tokenizer
-    patch = 64 // math.isqrt(processor.image_seq_length)
-    cfg = make_tiny_config(len(tok), tok.image_token_id, patch_size=patch, vision_width=32, vision_layers=1,
-                           vision_heads=1, text_width=32, text_layers=1, text_heads=2, head_dim=16, **kw)
-    return init_weights(PaliGemmaForConditionalGeneration(cfg), seed=0)
 
 
 def test_vision_pretraining_trains_the_tower_only(bundled):

@@ -28,8 +28,9 @@ def bundled():
     "The bundled model (float32) and its processor."
     return load_bundled_model()
 
+
 def _small_model(processor):
-    "A randomly initialised (seed 0) PaliGemma a few thousand parameters big, for the bundled processor's images."
+    "A tiny, randomly initialised (seed 0) PaliGemma for the bundled processor's images and vocabulary."
     tok = processor.tokenizer
     patch = 64 // math.isqrt(processor.image_seq_length)  # the bundled processor fixes the number of image tokens
     cfg = make_tiny_config(len(tok), tok.image_token_id, patch_size=patch, vision_width=32, vision_layers=1,

@@ -18,7 +18,7 @@ P8S = dict(patch_size=8, text_width=128, text_layers=3, text_heads=4, head_dim=3
 # The recipe the comparison started from (before the shape question existed; it gets weight 0 here). Every variant
 # is this plus its own overrides, so the names keep their meaning whatever BUNDLED_RECIPE becomes.
 START = dict(lr=2e-3, task_weights={"caption": 1.0, "detect": 1.5, "color": 1.0, "count": 1.0, "shape": 0.0},
-             steps=6000, vision_pretrain_steps=0, vision_lr_mult=1.0)
+             steps=6000, vision_pretrain_steps=0, vision_lr_mult=1.0, projector_lr_mult=None)
 W3 = {"caption": 1.0, "detect": 3.0, "color": 1.0, "count": 1.0, "shape": 0.0}
 VARIANTS = {
     "base": {},
@@ -29,8 +29,11 @@ VARIANTS = {
     "det3": dict(task_weights=W3),
     "lr1e3_det3": dict(lr=1e-3, task_weights=W3),
     "lr1e3_det3_shape": dict(lr=1e-3, task_weights=W3 | {"shape": 1.5}),  # the bundled recipe before pretraining
-    "pretrained": dict(lr=1e-3, steps=5000, vision_pretrain_steps=1000, vision_lr_mult=0.1,  # the bundled recipe
+    "pretrained": dict(lr=1e-3, steps=5000, vision_pretrain_steps=1000, vision_lr_mult=0.1,
                        task_weights={"caption": 1.5, "detect": 2.0, "color": 1.5, "count": 0.5, "shape": 1.5}),
+    "pretrained_proj1": dict(lr=1e-3, steps=5000, vision_pretrain_steps=1000, vision_lr_mult=0.1,  # the bundled recipe
+                             projector_lr_mult=1.0,
+                             task_weights={"caption": 1.5, "detect": 2.0, "color": 1.5, "count": 0.5, "shape": 1.5}),
     "pretrained_cap": dict(lr=1e-3, steps=5000, vision_pretrain_steps=1000, vision_lr_mult=0.1,
                            task_weights={"caption": 2.5, "detect": 2.0, "color": 1.0, "count": 0.5, "shape": 2.0}),
     "pretrained_cap_det3": dict(lr=1e-3, steps=5000, vision_pretrain_steps=1000, vision_lr_mult=0.1,

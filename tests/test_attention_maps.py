@@ -160,9 +160,9 @@ def _box_ratio(aa, b, box, layer):
 
 
 def test_bundled_model_reads_the_colour_from_the_asked_object():
-    """On the bundled model, the colour answer's image attention concentrates on the object asked about: in layer 2
-    (the layer that follows the question) and averaged over layers. Measured on these 30 scenes: ratio (mass share in
-    the box / its area share) 5.9 in layer 2 and 3.8 averaged over layers; a random model gives about 1."""
+    """On the bundled model, the colour answer's image attention concentrates on the object asked about, in the two
+    layers that read the image and averaged over layers. Measured on these 30 scenes, ratio (mass share in the box /
+    its area share): layer 2 3.7, layer 3 5.5, mean of layers 3.9; a random model gives about 1."""
     from paligemma_edu.shapes import make_scene
     from paligemma_edu.train import EVAL_SEED, load_bundled_model
     model, proc = load_bundled_model()
@@ -175,7 +175,7 @@ def test_bundled_model_reads_the_colour_from_the_asked_object():
     aa = answer_with_attentions(model, proc, [im for im, _ in scenes], prompts, max_new_tokens=2)
     assert [a.strip() for a in aa.answers] == [o.color for o in asked]
     ratios = {}
-    for layer in (2, None):
+    for layer in (2, 3, None):
         mass, area = zip(*(_box_ratio(aa, b, o.bbox, layer) for b, o in enumerate(asked)))
         ratios[layer] = np.mean(mass) / np.mean(area)
-    assert ratios[2] > 3.0 and ratios[None] > 2.0, ratios
+    assert ratios[2] > 2.0 and ratios[3] > 3.0 and ratios[None] > 2.0, ratios

@@ -35,10 +35,10 @@ __all__ = ['SEG_CODES', 'CODEBOOK_SIZE', 'GRID', 'MASK_SIZE', 'BIG_VISION_TRAINI
            'CODEC_RECIPE', 'CODEC_CONFIG', 'CODEC_WEIGHTS', 'Segment', 'seg_tokens', 'segmentation_text',
            'parse_segmentation', 'MaskCodecConfig', 'ResBlock', 'MaskDecoder', 'MaskEncoder', 'VectorQuantizer',
            'MaskCodec', 'big_vision_names', 'big_vision_config', 'load_big_vision_codec', 'object_masks',
-           'crop_to_codec', 'codec_masks', 'codec_loss', 'train_codec', 'mask_iou', 'codebook_usage', 'evaluate_codec',
-           'save_codec', 'load_codec', 'torch_threads', 'train_mask_codec', 'paste_mask', 'decode_segmentation',
-           'segment_answer', 'pasted_iou', 'draw_masks', 'show_reconstructions', 'plot_codebook_usage',
-           'mask_codec_path', 'load_mask_codec']
+           'crop_to_codec', 'codec_masks', 'codec_loss', 'codec_step_loss', 'train_codec', 'mask_iou', 'codebook_usage',
+           'evaluate_codec', 'save_codec', 'load_codec', 'torch_threads', 'train_mask_codec', 'paste_mask',
+           'decode_segmentation', 'segment_answer', 'pasted_iou', 'draw_masks', 'show_reconstructions',
+           'plot_codebook_usage', 'mask_codec_path', 'load_mask_codec']
 
 # %% ../nbs/15_segmentation.ipynb #97639210
 SEG_CODES = 16                   # <seg> tokens per object: codebook indices on a 4x4 grid, row by row
@@ -316,20 +316,26 @@ def codec_loss(codec: MaskCodec, masks, beta: float = 0.25, restart: float = 0.0
     return loss, dict(recon=recon.item(), codebook=codebook_loss.item(), commitment=commitment.item(),
                       codes_used=int(codes.unique().numel()))
 
-def train_codec(codec: MaskCodec, masks, steps: int = 400, batch_size: int = 64, lr: float = 3e-3, warmup: int = 50,
-                beta: float = 0.25, restart: float = 0.03, clip: float = 1.0, seed: int = 0, log_every: int = 50,
-                on_log=None) -> list:
-    "Train `codec` on random batches of `masks` (N, 1, 64, 64) with AdamW and `lr_at`; returns the logged steps."
-    if steps < 1 or batch_size < 1: raise ValueError(f"steps and batch_size must be >= 1; found {steps}, {batch_size}")
+def codec_step_loss(codec: MaskCodec, masks, batch_size: int = 64, beta: float = 0.25, restart: float = 0.03,
+                    seed: int = 0):
+    "A per-step loss function for a training loop: step -> `codec_loss` on a random batch of masks (N, 1, 64, 64)."
     g = torch.Generator().manual_seed(seed)
+    def loss_fn(step: int) -> tuple:
+        batch = masks[torch.randint(len(masks), (batch_size,), generator=g)]
+        return codec_loss(codec, batch.to(codec.quantizer.codebook.device), beta, restart)
+    return loss_fn
+
+def train_codec(codec: MaskCodec, loss_fn, steps: int = 400, lr: float = 3e-3, warmup: int = 50, clip: float = 1.0,
+                seed: int = 0, log_every: int = 50, on_log=None) -> list:
+    "Step AdamW on `loss_fn(step) -> (loss, logs)` with the schedule `lr_at`; returns the logged steps."
+    if steps < 1: raise ValueError(f"steps must be >= 1; found {steps}")
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(codec.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     history, t0 = [], time.perf_counter()
     codec.train()
     for step in range(steps):
         for group in opt.param_groups: group["lr"] = lr_at(step, lr, warmup, steps)
-        batch = masks[torch.randint(len(masks), (batch_size,), generator=g)].to(codec.quantizer.codebook.device)
-        loss, logs = codec_loss(codec, batch, beta, restart)
+        loss, logs = loss_fn(step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"codec training diverged: the loss is {loss.item()} at step {step + 1} (lr {lr})")
         opt.zero_grad(set_to_none=True)
@@ -437,8 +443,8 @@ def _train_mask_codec(out_dir: Path, r: dict, seed: int, n_eval_scenes: int, on_
     load_before, t0 = os.getloadavg()[0], time.perf_counter()  # the 1-minute load average: timings on a shared machine
     masks = codec_masks(range(CODEC_SEED + seed * 10**8, CODEC_SEED + seed * 10**8 + r["n_scenes"]), r["image_size"])
     codec = MaskCodec(MaskCodecConfig(code_dim=r["code_dim"], width=r["width"], num_res_blocks=r["num_res_blocks"]))
-    hist = train_codec(codec, masks, r["steps"], r["batch_size"], r["lr"], r["warmup"], r["beta"], r["restart"],
-                       seed=seed, on_log=on_log)
+    loss_fn = codec_step_loss(codec, masks, r["batch_size"], r["beta"], r["restart"], seed)
+    hist = train_codec(codec, loss_fn, r["steps"], r["lr"], r["warmup"], seed=seed, on_log=on_log)
     seconds = time.perf_counter() - t0
     held_out = {size: codec_masks(range(CODEC_EVAL_SEED, CODEC_EVAL_SEED + n_eval_scenes), size) for size in (64, 128)}
     out = Path(save_codec(codec, out_dir))

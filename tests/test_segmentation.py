@@ -12,7 +12,7 @@ import torch
 from paligemma_edu.processor import PaliGemmaTokenizer, SEG_TOKENS
 from paligemma_edu.segmentation import (BIG_VISION_TRAINING_STATE, CODEC_CONFIG, CODEC_EVAL_SEED, CODEC_WEIGHTS,
                                         MaskCodec, MaskCodecConfig, Segment, big_vision_names, codebook_usage,
-                                        codec_loss, codec_masks, crop_to_codec, decode_segmentation, draw_masks,
+                                        codec_loss, codec_masks, codec_step_loss, crop_to_codec, decode_segmentation, draw_masks,
                                         evaluate_codec, load_big_vision_codec, load_codec, load_mask_codec,
                                         mask_codec_path, mask_iou, object_masks, parse_segmentation, paste_mask,
                                         pasted_iou, plot_codebook_usage, save_codec, seg_tokens, segment_answer,
@@ -296,11 +296,12 @@ def test_restart_dead_codes():
 def test_train_codec_learns_and_stops_on_nan():
     masks = codec_masks(range(5_000_000_000, 5_000_000_100))
     codec = MaskCodec(TINY)
-    hist = train_codec(codec, masks, steps=30, batch_size=16, warmup=5, log_every=10)
+    hist = train_codec(codec, codec_step_loss(codec, masks, batch_size=16), steps=30, warmup=5, log_every=10)
     assert [h["step"] for h in hist] == [10, 20, 30] and hist[-1]["loss"] < hist[0]["loss"]
     assert not codec.training
     with pytest.raises(FloatingPointError, match="codec training diverged"):
-        train_codec(MaskCodec(TINY), masks, steps=5, batch_size=4, lr=float("inf"), warmup=1)
+        bad = MaskCodec(TINY)
+        train_codec(bad, codec_step_loss(bad, masks, batch_size=4), steps=5, lr=float("inf"), warmup=1)
     loss, logs = codec_loss(codec, masks[:8], beta=0.25)
     assert set(logs) == {"recon", "codebook", "commitment", "codes_used"} and torch.isfinite(loss)
 

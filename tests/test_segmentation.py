@@ -12,7 +12,7 @@ import torch
 from paligemma_edu.processor import PaliGemmaTokenizer, SEG_TOKENS
 from paligemma_edu.segmentation import (BIG_VISION_TRAINING_STATE, CODEC_CONFIG, CODEC_EVAL_SEED, CODEC_WEIGHTS,
                                         MaskCodec, MaskCodecConfig, Segment, big_vision_names, codebook_usage,
-                                        codec_loss, codec_masks, codec_step_loss, crop_to_codec, decode_segmentation, draw_masks,
+                                        codec_loss, codec_masks, codec_step_loss, decode_segmentation, draw_masks,
                                         evaluate_codec, load_big_vision_codec, load_codec, load_mask_codec,
                                         mask_codec_path, mask_iou, object_masks, parse_segmentation, paste_mask,
                                         pasted_iou, plot_codebook_usage, save_codec, seg_tokens, segment_answer,
@@ -39,7 +39,7 @@ def test_text_round_trip():
             ((3, 3, 9, 9), [5] * 16, "")]
     text = segmentation_text(segs, 64)
     assert text.count(" ; ") == 2 and text.count("<seg") == 48 and text.count("<loc") == 12
-    assert parse_segmentation(text, 64) == [Segment(tuple(float(v) for v in b), tuple(c), l) for b, c, l in segs]
+    assert parse_segmentation(text, 64) == [Segment(tuple(float(v) for v in b), tuple(c), lab) for b, c, lab in segs]
     # a non-square image: boxes are scaled per axis, as in detection
     (box, codes, label), = parse_segmentation(segmentation_text([((10, 20, 30, 60), [1] * 16, "cat")], (40, 80)), (40, 80))
     assert box == (10.0, 20.0, 30.0, 60.0) and codes == (1,) * 16 and label == "cat"
@@ -371,10 +371,10 @@ def test_mask_iou():
 
 def test_end_to_end_and_absent_shape():
     codec = load_mask_codec()
-    img, scene = make_scene(CODEC_EVAL_SEED + 7)
+    _, scene = make_scene(CODEC_EVAL_SEED + 7)
     text = " ; ".join(segment_answer(scene, o.shape, codec) for o in scene.objects)
     found = decode_segmentation(text, codec, scene.image_size)
-    assert [l for _, _, l in found] == [o.shape for o in scene.objects]
+    assert [label for _, _, label in found] == [o.shape for o in scene.objects]
     assert all(float(mask_iou(m, t)) >= 0.9 for (_, m, _), t in zip(found, object_masks(scene)))
     assert segment_answer(Scene([], "white", 64), "circle", codec) == ""
     assert decode_segmentation("", codec, 64) == []

@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #b187e753
 from __future__ import annotations
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['pick_device', 'pick_dtype', 'seed_everything', 'LayerDiff', 'compare_layers']
+__all__ = ['pick_device', 'pick_dtype', 'seed_everything', 'model_device', 'evaluating', 'LayerDiff', 'compare_layers']
 
 # %% ../nbs/00_core.ipynb #a4e71a37
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -44,6 +45,21 @@ def seed_everything(seed: int = 0) -> torch.Generator:
     "Seed Python, NumPy and torch; return a torch.Generator seeded the same way."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+# %% ../nbs/00_core.ipynb #28f96fdd
+def model_device(model: nn.Module) -> torch.device:
+    "The device of a model's first parameter (CPU for a model without parameters)."
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+@contextmanager
+def evaluating(model: nn.Module):
+    "Run the block with `model` in eval mode and without gradients, then restore its training mode."
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(): yield model
+    finally: model.train(was_training)
 
 # %% ../nbs/00_core.ipynb #4889c1b5
 def _first_tensor(out):

@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -34,6 +33,7 @@ def make_demo_image(size: int = 256) -> Image.Image:
 # %% ../nbs/01_images.ipynb #6cabe848
 def show_image(im, ax=None, title: str | None = None):
     "Show a PIL image, HWC array or normalised (3, H, W) / (1, 3, H, W) tensor on `ax`; return the axes."
+    import matplotlib.pyplot as plt
     if isinstance(im, torch.Tensor) and im.is_floating_point(): im = to_pil(im)
     if ax is None: _, ax = plt.subplots(figsize=(3, 3))
     ax.imshow(load_image(im)); ax.set_axis_off()
@@ -70,6 +70,7 @@ def _array_to_rgb(a: np.ndarray) -> Image.Image:
         a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(a), mode="RGB")
 
+# %% ../nbs/01_images.ipynb #4dfb0ee4
 def _open_path(path: Path) -> Image.Image:
     "Open an image file fully, with errors that name the path."
     if not path.exists(): raise FileNotFoundError(f"no image file at {str(path)!r}")
@@ -102,6 +103,14 @@ def _check_size(size) -> dict:
         raise ValueError(f"size must be a dict {{'height': h, 'width': w}} of positive ints; found {size!r}")
     return {"height": int(size["height"]), "width": int(size["width"])}
 
+def _is_rgb(x) -> bool:
+    "Is `x` already a 3-channel RGB image?"
+    if isinstance(x, Image.Image): return x.mode == "RGB"
+    if isinstance(x, np.ndarray): return x.ndim == 3 and x.shape[-1] == 3
+    if isinstance(x, torch.Tensor): return x.ndim == 3 and x.shape[0] == 3
+    return True   # paths: decided after loading
+
+# %% ../nbs/01_images.ipynb #c1604255
 @dataclass
 class SiglipImageProcessor:
     "Image preprocessing of SigLIP / PaliGemma (mirrors transformers' SiglipImageProcessorPil)."
@@ -185,13 +194,6 @@ class SiglipImageProcessor:
             raise ValueError(f"images of different sizes {sorted({tuple(x.shape) for x in xs})} cannot be batched; "
                              "set do_resize=True")
         return {"pixel_values": torch.stack(xs)}                                    # (B, 3, H, W)
-
-def _is_rgb(x) -> bool:
-    "Is `x` already a 3-channel RGB image?"
-    if isinstance(x, Image.Image): return x.mode == "RGB"
-    if isinstance(x, np.ndarray): return x.ndim == 3 and x.shape[-1] == 3
-    if isinstance(x, torch.Tensor): return x.ndim == 3 and x.shape[0] == 3
-    return True   # paths: decided after loading
 
 # %% ../nbs/01_images.ipynb #483832b9
 def to_pil(pixel_values: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Image.Image:

@@ -176,6 +176,46 @@ def _prompt_with_image_tokens(text: str, n_images: int, has_image_tokens: bool, 
     return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_seq_length)
 
 # %% ../nbs/10_processor.ipynb #cf89967f
+def _token_rows(tokenizer, prompts: list[str], suffixes: list[str] | None) -> tuple:
+    "Token ids and token types (0: image, `<bos>`, prompt, newline; 1: suffix and its `<eos>`) of each row."
+    seqs = [tokenizer.encode(p) for p in prompts]
+    types = [[0] * len(s) for s in seqs]
+    if suffixes is None: return seqs, types
+    if len(suffixes) != len(prompts): raise ValueError(f"received {len(suffixes)} suffixes for {len(prompts)} prompts")
+    sfx = [tokenizer.encode(s + tokenizer.eos_token) for s in suffixes]
+    return [a + b for a, b in zip(seqs, sfx)], [t + [1] * len(b) for t, b in zip(types, sfx)]
+
+def _truncate(seqs: list, types: list, max_length: int | None, truncation: bool, image_seq_length: int) -> tuple:
+    "Rows cut to `max_length` when `truncation`, else an error if any is longer."
+    lengths = [len(s) for s in seqs]
+    if max_length is None or max(lengths) <= max_length: return seqs, types
+    if not truncation:
+        raise ValueError(f"sequence lengths {lengths} exceed max_length={max_length} (image tokens: "
+                         f"{image_seq_length}); raise max_length or pass truncation=True")
+    return [s[:max_length] for s in seqs], [t[:max_length] for t in types]
+
+def _padded_length(lengths: list, padding, max_length: int | None) -> int | None:
+    "The length every row is padded to: the longest row's, `max_length`, or None (no padding)."
+    if padding in (True, "longest"): return max(lengths)
+    if padding == "max_length":
+        if max_length is None: raise ValueError("padding='max_length' needs max_length")
+        return max_length
+    if padding in (False, "do_not_pad", None): return None
+    raise ValueError(f"padding must be 'longest', 'max_length' or False; found {padding!r}")
+
+def _pad(rows: list, length: int, value: int, side: str) -> list:
+    "Every row padded with `value` to `length`, on the left or the right."
+    return [([value] * (length - len(r)) + r) if side == "left" else (r + [value] * (length - len(r))) for r in rows]
+
+def _as_tensors(out: dict, return_tensors: str | None) -> dict:
+    "Lists of rows as (B, T) long tensors ('pt'), or left as lists (None)."
+    if return_tensors is None: return out
+    if return_tensors != "pt": raise ValueError(f"return_tensors must be 'pt' or None; found {return_tensors!r}")
+    lengths = [len(s) for s in out["input_ids"]]
+    if len(set(lengths)) > 1: raise ValueError(f"sequences of lengths {lengths} cannot be stacked; use padding='longest'")
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}  # (B, T)
+
+# %% ../nbs/10_processor.ipynb #81057ef4
 class PaliGemmaProcessor:
     "Image + prompt (+ suffix) -> model inputs (mirrors transformers' PaliGemmaProcessor, without transformers)."
     def __init__(self, image_processor, tokenizer: PaliGemmaTokenizer, image_seq_length: int | None = None,
@@ -214,9 +254,6 @@ class PaliGemmaProcessor:
         dataclasses.replace(self.image_processor, image_seq_length=self.image_seq_length).save_pretrained(folder)
         return folder
 
-    def _pad(self, seqs: list[list[int]], length: int, value: int, side: str) -> list[list[int]]:
-        return [([value] * (length - len(s)) + s) if side == "left" else (s + [value] * (length - len(s))) for s in seqs]
-
     def __call__(self, images=None, text: str | list[str] | None = None, suffix: str | list[str] | None = None,
                  padding: bool | str = "longest", max_length: int | None = None, truncation: bool = False,
                  return_tensors: str | None = "pt", padding_side: str | None = None) -> ProcessorOutput:
@@ -229,40 +266,17 @@ class PaliGemmaProcessor:
                              "give one image per prompt")
         has_tokens = any(IMAGE_TOKEN in t for t in text)
         prompts = [_prompt_with_image_tokens(t, len(ims), has_tokens, self.image_seq_length) for t, ims in zip(text, per_sample)]
-        seqs = [self.tokenizer.encode(p) for p in prompts]
-        types = [[0] * len(s) for s in seqs]
-        if suffix is not None:
-            suffix = _as_list(suffix, "suffix")
-            if len(suffix) != len(text): raise ValueError(f"received {len(suffix)} suffixes for {len(text)} prompts")
-            sfx = [self.tokenizer.encode(s + self.tokenizer.eos_token) for s in suffix]
-            seqs, types = [a + b for a, b in zip(seqs, sfx)], [t + [1] * len(b) for t, b in zip(types, sfx)]
-        lengths = [len(s) for s in seqs]
-        if max_length is not None and max(lengths) > max_length:
-            if not truncation:
-                raise ValueError(f"sequence lengths {lengths} exceed max_length={max_length} (image tokens: "
-                                 f"{self.image_seq_length}); raise max_length or pass truncation=True")
-            seqs, types = [s[:max_length] for s in seqs], [t[:max_length] for t in types]
-        if padding in (True, "longest"): length = max(len(s) for s in seqs)
-        elif padding == "max_length":
-            if max_length is None: raise ValueError("padding='max_length' needs max_length")
-            length = max_length
-        elif padding in (False, "do_not_pad", None): length = None
-        else: raise ValueError(f"padding must be 'longest', 'max_length' or False; found {padding!r}")
-        side = padding_side or self.padding_side
+        seqs, types = _token_rows(self.tokenizer, prompts, None if suffix is None else _as_list(suffix, "suffix"))
+        seqs, types = _truncate(seqs, types, max_length, truncation, self.image_seq_length)
+        length = _padded_length([len(s) for s in seqs], padding, max_length)
+        side, mask = padding_side or self.padding_side, [[1] * len(s) for s in seqs]
         if length is not None:
-            mask = self._pad([[1] * len(s) for s in seqs], length, 0, side)
-            seqs, types = self._pad(seqs, length, self.tokenizer.pad_token_id, side), self._pad(types, length, 0, side)
-        else: mask = [[1] * len(s) for s in seqs]
+            pad_id = self.tokenizer.pad_token_id
+            seqs, types, mask = _pad(seqs, length, pad_id, side), _pad(types, length, 0, side), _pad(mask, length, 0, side)
         out = dict(input_ids=seqs, attention_mask=mask, token_type_ids=types)
-        if suffix is not None:
-            out["labels"] = [[i if t == 1 else -100 for i, t in zip(s, ts)] for s, ts in zip(seqs, types)]
+        if suffix is not None: out["labels"] = [[i if t == 1 else -100 for i, t in zip(s, ts)] for s, ts in zip(seqs, types)]
         pixel_values = self.image_processor([im for ims in per_sample for im in ims])["pixel_values"]  # (B, 3, H, W)
-        if return_tensors == "pt":
-            if len({len(s) for s in seqs}) > 1:
-                raise ValueError(f"sequences of lengths {[len(s) for s in seqs]} cannot be stacked; use padding='longest'")
-            out = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}  # (B, T)
-        elif return_tensors is not None: raise ValueError(f"return_tensors must be 'pt' or None; found {return_tensors!r}")
-        return ProcessorOutput(**out, pixel_values=pixel_values)
+        return ProcessorOutput(**_as_tensors(out, return_tensors), pixel_values=pixel_values)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         "Text of one sequence of ids."

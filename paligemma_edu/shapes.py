@@ -4,10 +4,8 @@
 
 # %% ../nbs/13_shapes.ipynb #4d342af3
 from __future__ import annotations
-import re
 from dataclasses import dataclass, field
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -15,10 +13,10 @@ from PIL import Image, ImageDraw
 from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections, draw_boxes
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'LOC_TOKENS', 'ShapeObject', 'Scene', 'sample_scene',
-           'render_scene', 'make_scene', 'scene_masks', 'box_iou', 'caption', 'shapes_of_color', 'detect_answer',
-           'task_kind', 'scene_tasks', 'make_example', 'ShapesDataset', 'collate_examples', 'show_example',
-           'show_examples', 'score', 'evaluate', 'task_texts', 'task_words']
+__all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'ShapeObject', 'Scene', 'sample_scene', 'render_scene',
+           'make_scene', 'scene_masks', 'box_iou', 'caption', 'shapes_of_color', 'detect_answer', 'task_kind',
+           'scene_tasks', 'make_example', 'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score',
+           'evaluate', 'task_texts']
 
 # %% ../nbs/13_shapes.ipynb #024fc4bc
 SHAPES = ("circle", "square", "triangle")
@@ -213,20 +211,24 @@ def make_example(seed: int, task: str | None = None, image_size: int = 64, max_o
     return img, prompt, answer, scene
 
 class ShapesDataset(torch.utils.data.Dataset):
-    "n deterministic examples: item i is `make_example(seed + i)`, as a dict image/prompt/answer/scene/task."
+    "n deterministic examples from scene seeds seed + i; the task drawn uniformly from `tasks`, or with `weights`."
     def __init__(self, n: int, seed: int = 0, image_size: int = 64, tasks=TASKS, max_objects: int = 3,
-                 noise: float = 0.0):
-        bad = set(tasks) - set(TASKS)
+                 noise: float = 0.0, weights: dict | None = None):
+        bad = (set(tasks) | set(weights or {})) - set(TASKS)
         if bad: raise ValueError(f"unknown tasks {sorted(bad)}; expected a subset of {TASKS}")
         self.n, self.seed, self.image_size, self.tasks = n, seed, image_size, tuple(tasks)
-        self.max_objects, self.noise = max_objects, noise
+        self.max_objects, self.noise, self.p = max_objects, noise, None
+        if weights is not None:  # tasks without a weight get 1
+            w = {t: 1.0 for t in tasks} | weights
+            self.tasks, self.p = tuple(w), np.array(list(w.values()), dtype=float) / sum(w.values())
 
     def __len__(self): return self.n
 
     def __getitem__(self, i: int) -> dict:
         if not -self.n <= i < self.n: raise IndexError(f"index {i} out of range for a dataset of {self.n} examples")
         i = i % self.n
-        img, prompt, answer, scene = make_example(self.seed + i, None, self.image_size, self.max_objects,
+        task = None if self.p is None else self.tasks[np.random.default_rng([self.seed, i, 1]).choice(len(self.tasks), p=self.p)]
+        img, prompt, answer, scene = make_example(self.seed + i, task, self.image_size, self.max_objects,
                                                   self.noise, self.tasks)
         return dict(image=img, prompt=prompt, answer=answer, scene=scene, task=task_kind(prompt))
 
@@ -237,6 +239,7 @@ def collate_examples(batch: list) -> dict:
 # %% ../nbs/13_shapes.ipynb #ad1d612c
 def show_example(image, prompt: str, answer: str, ax=None):
     "Show one example with its prompt and answer as the title; detection answers are drawn as boxes."
+    import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(2.5, 2.5), dpi=75)
     dets = parse_detections(answer, image_hw(image.size[::-1]))
     draw_boxes(image, dets, ax=ax)
@@ -246,6 +249,7 @@ def show_example(image, prompt: str, answer: str, ax=None):
 
 def show_examples(dataset, n: int = 8, ncols: int = 4, start: int = 0):
     "A grid of `n` dataset items with their prompts and answers; returns the array of axes."
+    import matplotlib.pyplot as plt
     nrows = -(-n // ncols)
     _, axs = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.5 * nrows), dpi=75, squeeze=False)
     for k, ax in enumerate(axs.flat):
@@ -300,8 +304,6 @@ def evaluate(predict_fn, dataset, batch_size: int = 32) -> dict:
     return out
 
 # %% ../nbs/13_shapes.ipynb #2f1bb81a
-LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(LOC_BINS))
-
 def task_texts(n: int = 1000, seed: int = 0, image_size: int = 64, max_objects: int = 3) -> list:
     "Prompt and answer strings of every task on n scenes (seeds seed..seed+n-1), prompts and answers interleaved."
     out = []
@@ -310,10 +312,3 @@ def task_texts(n: int = 1000, seed: int = 0, image_size: int = 64, max_objects: 
         scene = sample_scene(rng, image_size, max_objects)
         for p, a in scene_tasks(scene, rng): out += [p, a]
     return out
-
-def task_words() -> list:
-    "Every word (whitespace-separated, location tokens excluded) that a prompt or an answer can contain."
-    words = {"caption", "en", "detect", "answer", "what", "color", "is", "the", "how", "many", "shapes", "are",
-             "there?", "a", "and", *SHAPES, *COLORS, *NUMBER_WORDS}
-    words |= {f"{s}?" for s in SHAPES} | {f"{s}," for s in SHAPES} | {f"{c}?" for c in COLORS}
-    return sorted(words)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,7 @@ from torch import nn
 from .images import load_image
 
 # %% auto #0
-__all__ = ['SiglipVisionConfig', 'dot_product_attention', 'SiglipVisionEmbeddings', 'SiglipAttention', 'SiglipMLP',
+__all__ = ['SiglipVisionConfig', 'soft_cap', 'dot_product_attention', 'SiglipVisionEmbeddings', 'SiglipAttention', 'SiglipMLP',
            'SiglipEncoderLayer', 'SiglipVisionOutput', 'SiglipEncoder', 'SiglipVisionModel', 'plot_patch_attention']
 
 # %% ../nbs/03_siglip.ipynb #dbb8d0a3
@@ -70,6 +69,10 @@ class SiglipVisionConfig:
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/03_siglip.ipynb #d16b3a1d
+def soft_cap(z: torch.Tensor, cap: float) -> torch.Tensor:
+    "c * tanh(z / c): the identity near 0, bounded by +-cap."
+    return torch.tanh(z / cap) * cap
+
 def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                           scale: float | None = None, softcap: float | None = None, output_probs: bool = False):
     "Attention of q (B, H, T, Dh) over k, v (B, H, S, Dh) with an additive mask; returns (out, probs or None)."
@@ -80,7 +83,7 @@ def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     if not (output_probs or softcap):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
     scores = (q @ k.transpose(-1, -2)) * scale                               # (B, H, T, S)
-    if softcap: scores = torch.tanh(scores / softcap) * softcap
+    if softcap: scores = soft_cap(scores, softcap)
     if mask is not None: scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, T, S)
     return probs @ v, probs                                                   # (B, H, T, Dh)
@@ -196,6 +199,7 @@ class SiglipVisionModel(nn.Module):
 # %% ../nbs/03_siglip.ipynb #526d6b68
 def plot_patch_attention(attentions, image, patch: int, layers=(0,), heads=(0, 1, 2, 3), ax=None):
     "Overlay the attention of query `patch` on `image` for each (layer, head); `attentions` are (B, H, N, N). Returns axes."
+    import matplotlib.pyplot as plt
     im = load_image(image)
     if ax is None: _, ax = plt.subplots(len(layers), len(heads), figsize=(1.9 * len(heads), 1.9 * len(layers)), squeeze=False)
     axs = np.asarray(ax).reshape(len(layers), len(heads))

@@ -7,7 +7,7 @@ import pytest
 
 from paligemma_edu.cli import main
 from paligemma_edu.shapes import make_scene
-from paligemma_edu.train import load_bundled_model
+from paligemma_edu.bundled import load_bundled_model
 
 EXE = shutil.which("paligemma-edu")
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import importlib.resources
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,19 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import evaluating, model_device, seed_everything
+from .core import evaluating, model_device, pick_device, seed_everything
 from .paligemma import PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor
 from .generate import answer
 from .attention_maps import attention_report
-from .shapes import COLORS, SHAPES, ShapesDataset, make_scene, scene_masks, show_example
+from .shapes import COLORS, SHAPES, TASKS, ShapesDataset, make_scene, scene_masks, show_example
 from .train import (EVAL_SEED, TRAIN_SEED, count_params, evaluate_model, fit, held_out_set, init_weights,
                                  make_shapes_processor, make_tiny_config, quick_accuracy, train)
 
 # %% auto #0
 __all__ = ['VISION_SEED', 'BUNDLED_RECIPE', 'PixelLabelHead', 'pixel_label_batch', 'pixel_accuracy', 'pretrain_vision',
-           'show_pixel_labels', 'parse_recipe', 'train_bundled_model', 'bundled_model_path', 'load_bundled_model',
-           'evaluate_checkpoint', 'results_table', 'model_card', 'show_answers']
+           'show_pixel_labels', 'check_recipe', 'parse_recipe', 'train_bundled_model', 'bundled_model_path',
+           'load_bundled_model', 'evaluate_checkpoint', 'results_table', 'model_card', 'show_answers']
 
 # %% ../nbs/17_bundled_model.ipynb #0be2fc41
 class PixelLabelHead(torch.nn.Module):
@@ -123,15 +124,38 @@ BUNDLED_RECIPE = dict(image_size=64, patch_size=16, vocab_size=400, vision_width
                       task_weights={"caption": 1.5, "detect": 2.0, "color": 1.5, "count": 0.5, "shape": 1.5},
                       vision_pretrain_steps=1000, vision_pretrain_batch_size=64, vision_pretrain_lr=1e-3)
 
+_MAY_BE_ZERO = {"warmup", "vision_pretrain_steps", "weight_decay", "vision_lr_mult", "projector_lr_mult"}
+
+def _recipe_error(key: str, value) -> str | None:
+    "What is wrong with `value` for recipe `key` (None if nothing): the type and range of BUNDLED_RECIPE's value."
+    want, zero_ok = BUNDLED_RECIPE[key], key in _MAY_BE_ZERO
+    if key == "task_weights":
+        if not isinstance(value, dict) or set(value) - set(TASKS): return f"a dict of weights for tasks among {TASKS}"
+        ok = all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in value.values())
+        return None if ok and sum(value.values()) > 0 else "non-negative finite weights, not all zero"
+    if key == "loss_per": return None if value in ("token", "example") else "'token' or 'example'"
+    if isinstance(want, bool): return None if isinstance(value, bool) else "true or false"
+    if isinstance(value, bool) or not isinstance(value, (int, float)): return f"a number (like {want!r})"
+    if isinstance(want, int) and not isinstance(value, int): return f"an integer (like {want!r})"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        return f"a finite number {'>= 0' if zero_ok else '> 0'}"
+    return None
+
+def check_recipe(recipe: dict) -> dict:
+    "Raise one error naming every unknown key and every value of the wrong type or range; return the recipe."
+    bad = sorted(set(recipe) - set(BUNDLED_RECIPE))
+    if bad: raise ValueError(f"unknown recipe keys {bad}; expected keys among {sorted(BUNDLED_RECIPE)}")
+    wrong = [f"{k}={v!r} (expected {e})" for k, v in recipe.items() if (e := _recipe_error(k, v))]
+    if wrong: raise ValueError("bad recipe values: " + "; ".join(wrong))
+    return recipe
+
 def parse_recipe(text: str | None) -> dict:
-    "Overrides of `BUNDLED_RECIPE` from a JSON object string (None or '' -> no overrides); unknown keys are an error."
+    "Overrides of `BUNDLED_RECIPE` from a JSON object string (None or '' -> no overrides), checked."
     if not text: return {}
     try: recipe = json.loads(text)
     except json.JSONDecodeError as e: raise ValueError(f"the recipe is not valid JSON ({e}): {text!r}") from None
     if not isinstance(recipe, dict): raise ValueError(f"the recipe must be a JSON object, found {type(recipe).__name__}: {text!r}")
-    bad = sorted(set(recipe) - set(BUNDLED_RECIPE))
-    if bad: raise ValueError(f"unknown recipe keys {bad}; expected keys among {sorted(BUNDLED_RECIPE)}")
-    return recipe
+    return check_recipe(recipe)
 
 # %% ../nbs/17_bundled_model.ipynb #935c3349
 def _replace_folder(tmp: Path, target: Path, overwrite: bool):
@@ -153,8 +177,8 @@ def train_bundled_model(out_dir, steps: int | None = None, seed: int = 0, recipe
     """Train the shapes model from scratch on `device` (default CPU): vision pretraining on pixel labels, then the
     answers; write weights (bf16), tokenizer, `history.json` and (unless `eval_per_task=0`) the evaluation to out_dir,
     atomically."""
-    r = BUNDLED_RECIPE | (recipe or {}) | ({"steps": steps} if steps is not None else {})
-    out_dir = Path(out_dir)
+    r = BUNDLED_RECIPE | check_recipe(dict(recipe or {}) | ({"steps": steps} if steps is not None else {}))
+    device, out_dir = pick_device(device), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir(): raise NotADirectoryError(f"{out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True")
@@ -178,7 +202,7 @@ def _train_into(folder: Path, r: dict, seed: int, eval_every: int, progress: boo
     arch = {k: r[k] for k in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "text_width",
                               "text_layers", "text_heads", "kv_heads", "head_dim", "mlp_ratio")}
     model = init_weights(PaliGemmaForConditionalGeneration(make_tiny_config(len(tok), tok.image_token_id, **arch)), seed=seed)
-    model.to(torch.device(device or "cpu"))
+    model.to(device)
     t0 = time.perf_counter()
     vision_hist = []
     if r["vision_pretrain_steps"]:

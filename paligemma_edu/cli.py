@@ -5,26 +5,50 @@
 # %% ../nbs/22_cli.ipynb #bcdf146a
 from __future__ import annotations
 import argparse
+import os
 import sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEMO_TASKS', 'cmd_generate', 'cmd_demo', 'cmd_train', 'cmd_evaluate', 'build_parser', 'main']
+__all__ = ['FIGURE_TYPES', 'DEMO_TASKS', 'cmd_generate', 'cmd_demo', 'cmd_train', 'cmd_evaluate', 'build_parser', 'main']
 
 # %% ../nbs/22_cli.ipynb #9fedaa5f
 def _load(model_dir, device=None, dtype=None):
     "Model and processor from a checkpoint folder (the bundled one when None)."
+    if model_dir is not None and not str(model_dir).strip():
+        raise ValueError("--model is empty; give a checkpoint folder, or leave --model out for the bundled model")
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
     from paligemma_edu.processor import PaliGemmaProcessor
     from paligemma_edu.bundled import bundled_model_path
-    folder = Path(model_dir) if model_dir else bundled_model_path()
+    folder = Path(model_dir) if model_dir is not None else bundled_model_path()
     model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
     return model, PaliGemmaProcessor.from_pretrained(folder)
+
+FIGURE_TYPES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+def _figure_path(path, flag: str) -> Path:
+    "The output path of a picture, checked before any work: a known image type, in a folder that exists."
+    path = Path(path)
+    if path.suffix.lower() not in FIGURE_TYPES:
+        raise ValueError(f"{flag} needs a file name ending in {', '.join(FIGURE_TYPES)}; found {str(path)!r}")
+    if not path.parent.is_dir(): raise FileNotFoundError(f"{flag}: the folder {str(path.parent)!r} does not exist")
+    if path.is_dir(): raise IsADirectoryError(f"{flag}: {str(path)!r} is a folder; give a file name")
+    return path
+
+def _save_figure(fig, path: Path, dpi: int):
+    "Write `fig` to exactly `path`, atomically (a temporary file in the same folder, then a rename)."
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix[1:].lower().replace("jpg", "jpeg"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 # %% ../nbs/22_cli.ipynb #142e1bcf
 def cmd_generate(args):
     from paligemma_edu.images import load_image
     from paligemma_edu.generate import answer, TextStreamer, parse_detections, draw_boxes
+    boxes = _figure_path(args.boxes, "--boxes") if args.boxes is not None else None
     images = [load_image(p) for p in args.image]
     prompts = args.prompt if len(args.prompt) == len(images) else (args.prompt * len(images) if len(args.prompt) == 1 else None)
     if prompts is None:
@@ -39,13 +63,13 @@ def cmd_generate(args):
     else:
         texts = answer(model, proc, images, prompts, **gen)
         for p, im_path, t in zip(prompts, args.image, texts): print(f"[{im_path}] {p} -> {t}")
-    if args.boxes:
+    if boxes is not None:
         import matplotlib; matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axs = plt.subplots(1, len(images), figsize=(3 * len(images), 3), squeeze=False)
         for ax, im, t in zip(axs[0], images, texts): draw_boxes(im, parse_detections(t, im.size[::-1]), ax=ax, color="magenta")
-        fig.savefig(args.boxes, dpi=100, bbox_inches="tight"); plt.close(fig)
-        print(f"boxes drawn to {args.boxes}")
+        _save_figure(fig, boxes, dpi=100); plt.close(fig)
+        print(f"boxes drawn to {boxes}")
     return texts
 
 # %% ../nbs/22_cli.ipynb #7fb746f2
@@ -53,6 +77,7 @@ DEMO_TASKS = ["caption en", "detect {shape}", "answer en what color is the {shap
               "answer en what shapes are {color}?"]
 
 def cmd_demo(args):
+    out = _figure_path(args.out, "--out")
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from paligemma_edu.shapes import make_scene
@@ -73,8 +98,8 @@ def cmd_demo(args):
     axs[1].set_title(f"{prompts[1]}\n-> {'boxes drawn' if answers[1] else 'nothing found'}", fontsize=8)
     ans, _ = answer_attention_overlay(model, proc, image, prompts[2], ax=axs[2])
     axs[2].set_title(f"{prompts[2]}\n-> {ans} (attention of the answer)", fontsize=8)
-    fig.tight_layout(); fig.savefig(args.out, dpi=90, bbox_inches="tight"); plt.close(fig)
-    print(f"picture written to {args.out}")
+    fig.tight_layout(); _save_figure(fig, out, dpi=90); plt.close(fig)
+    print(f"picture written to {out}")
     return answers
 
 # %% ../nbs/22_cli.ipynb #9cc9a0fe
@@ -100,17 +125,29 @@ def cmd_evaluate(args):
     return res
 
 # %% ../nbs/22_cli.ipynb #d5c4d220
+def _positive_int(text: str) -> int:
+    "argparse type: an integer >= 1."
+    try: n = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text!r}") from None
+    if n < 1: raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {n}")
+    return n
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paligemma-edu", description="PaliGemma from scratch: run, demo, train and evaluate.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    "The `paligemma-edu` parser; `--debug` is accepted before or after the command."
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks instead of one-line errors")
+    p = argparse.ArgumentParser(prog="paligemma-edu", description="PaliGemma from scratch: run, demo, train and evaluate.",
+                                parents=[common])
+    p.set_defaults(debug=False)
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="answer prompts about images",
+    g = sub.add_parser("generate", parents=[common], help="answer prompts about images",
                        description="Answer a prompt about one or more images, e.g. --prompt 'caption en', "
                                    "'detect triangle', 'answer en what color is the circle?'.")
     g.add_argument("--model", help="checkpoint folder in HF layout (default: the bundled shapes model)")
     g.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     g.add_argument("--prompt", action="append", required=True, help="prompt (one for all images, or one per image)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--device", default=None, help="cpu (default), cuda, or auto")
     g.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -118,37 +155,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    g.add_argument("--boxes", metavar="OUT.png", help="draw detected boxes into this PNG")
+    g.add_argument("--boxes", metavar="OUT.png", help="draw detected boxes into this picture (.png, .jpg, .pdf, .svg)")
     g.set_defaults(func=cmd_generate)
-    d = sub.add_parser("demo", help="run every task of the bundled model on a drawn scene")
+    d = sub.add_parser("demo", parents=[common], help="run every task of the bundled model on a drawn scene")
     d.add_argument("--model", help="checkpoint folder (default: bundled)")
     d.add_argument("--seed", type=int, default=7, help="which scene to draw")
-    d.add_argument("--out", default="demo.png", help="picture to write")
+    d.add_argument("--out", default="demo.png", help="picture to write (.png, .jpg, .pdf, .svg)")
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)
-    t = sub.add_parser("train", help="train the shapes model from scratch")
+    t = sub.add_parser("train", parents=[common], help="train the shapes model from scratch")
     t.add_argument("--out", required=True, help="folder to write the checkpoint to")
-    t.add_argument("--steps", type=int, default=None, help="steps of the answer stage (default: the bundled model's; "
+    t.add_argument("--steps", type=_positive_int, default=None, help="steps of the answer stage (default: the bundled model's; "
                    "the vision stage has vision_pretrain_steps in --recipe)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--device", default=None, help="train on this device (default cpu), e.g. cuda")
     t.add_argument("--recipe", default=None, metavar="JSON", help="overrides of the bundled recipe, e.g. '{\"lr\": 0.001}'")
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once training finished)")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("evaluate", help="accuracy of a shapes model on held-out scenes")
+    e = sub.add_parser("evaluate", parents=[common], help="accuracy of a shapes model on held-out scenes")
     e.add_argument("--model", help="checkpoint folder (default: bundled)")
-    e.add_argument("--n", type=int, default=500, help="held-out scenes per task")
+    e.add_argument("--n", type=_positive_int, default=500, help="held-out scenes per task")
     e.add_argument("--save", action="store_true", help="also write the metrics to MODEL/eval.json")
     e.set_defaults(func=cmd_evaluate)
     return p
 
 def main(argv=None) -> int:
+    "Run one command; any error prints one line (the traceback with --debug) and returns a non-zero status."
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError, KeyError) as e:
+    except KeyboardInterrupt:
         if args.debug: raise
-        print(f"error: {e}", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug: raise
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
     return 0

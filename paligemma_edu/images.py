@@ -5,6 +5,7 @@
 # %% ../nbs/01_images.ipynb #d789b9cc
 from __future__ import annotations
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -46,7 +47,13 @@ _ACCEPTED = ("a path (str or pathlib.Path), a PIL.Image.Image, a numpy array of 
              "(uint8, or float in [0, 1])")
 
 def _pil_to_rgb(im: Image.Image) -> Image.Image:
-    "RGB copy of `im`; any transparency is composited onto white (as transformers' convert_to_rgb)."
+    "RGB copy of `im`; transparency composited onto white (as transformers' convert_to_rgb), 16-bit scaled to 8."
+    if im.width == 0 or im.height == 0: raise ValueError(f"the image is empty ({im.width} x {im.height} pixels)")
+    if im.mode.startswith("I;16"):                                       # 16-bit greyscale: 0..65535 -> 0..255
+        return Image.fromarray(np.round(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)).convert("RGB")
+    if im.mode in ("I", "F"):
+        raise ValueError(f"PIL mode {im.mode!r} ({'32-bit integer' if im.mode == 'I' else 'floating-point'}) pixels have "
+                         "no fixed range; convert the image to 8 bits first, e.g. scale it to 0..255 and .convert('L')")
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -58,8 +65,10 @@ def _array_to_rgb(a: np.ndarray) -> Image.Image:
     if a.ndim == 2: a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an image array of shape (H, W) or (H, W, C) with C in 1, 3, 4; found shape {a.shape}")
+    if 0 in a.shape[:2]: raise ValueError(f"the image array is empty (shape {a.shape})")
     if np.issubdtype(a.dtype, np.floating):
-        if a.size and (a.min() < 0 or a.max() > 1):
+        if not np.isfinite(a).all(): raise ValueError("the image array contains NaN or infinite values")
+        if a.min() < 0 or a.max() > 1:
             raise ValueError(f"float image arrays must lie in [0, 1]; found [{a.min():.3g}, {a.max():.3g}]")
         a = np.round(a * 255).astype(np.uint8)
     elif a.dtype != np.uint8:
@@ -79,18 +88,25 @@ def _open_path(path: Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return im.copy()
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{str(path)!r} is larger than PIL's limit against decompression bombs ({e}); if you trust the "
+                         "file, raise PIL.Image.MAX_IMAGE_PIXELS first") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"could not read {str(path)!r} as an image ({type(e).__name__}: {e})") from e
 
 def load_image(x) -> Image.Image:
     "Load `x` (path, PIL image, numpy HW/HWC array, torch CHW tensor) as an RGB PIL image."
-    if isinstance(x, (str, Path)): return _pil_to_rgb(_open_path(Path(x)))
+    if isinstance(x, (str, Path)):
+        im = _open_path(Path(x))
+        try: return _pil_to_rgb(im)
+        except ValueError as e: raise ValueError(f"{str(x)!r}: {e}") from None
     if isinstance(x, Image.Image): return _pil_to_rgb(x)
     if isinstance(x, np.ndarray): return _array_to_rgb(x)
     if isinstance(x, torch.Tensor):
         if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
             raise ValueError(f"expected an image tensor of shape (C, H, W) with C in 1, 3, 4; found shape {tuple(x.shape)}")
-        return _array_to_rgb(x.detach().cpu().permute(1, 2, 0).numpy())   # (C, H, W) -> (H, W, C)
+        x = x.detach().cpu()
+        return _array_to_rgb((x.float() if x.is_floating_point() else x).permute(1, 2, 0).numpy())  # (C, H, W) -> (H, W, C)
     raise TypeError(f"cannot load an image from {type(x).__name__}; expected {_ACCEPTED}")
 
 # %% ../nbs/01_images.ipynb #8a48b914
@@ -130,6 +146,10 @@ class SiglipImageProcessor:
         self.image_mean, self.image_std = tuple(map(float, self.image_mean)), tuple(map(float, self.image_std))
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError(f"image_mean and image_std need 3 values (R, G, B); found {self.image_mean}, {self.image_std}")
+        if not all(math.isfinite(v) for v in self.image_mean) or not all(math.isfinite(v) and v > 0 for v in self.image_std):
+            raise ValueError(f"image_mean must be finite and image_std finite and > 0; found {self.image_mean}, {self.image_std}")
+        if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
+            raise ValueError(f"rescale_factor must be a finite number > 0; found {self.rescale_factor}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SiglipImageProcessor":

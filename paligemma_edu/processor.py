@@ -270,6 +270,7 @@ class PaliGemmaProcessor:
         seqs, types = _truncate(seqs, types, max_length, truncation, self.image_seq_length)
         length = _padded_length([len(s) for s in seqs], padding, max_length)
         side, mask = padding_side or self.padding_side, [[1] * len(s) for s in seqs]
+        if side not in ("left", "right"): raise ValueError(f"padding_side must be 'left' or 'right'; found {side!r}")
         if length is not None:
             pad_id = self.tokenizer.pad_token_id
             seqs, types, mask = _pad(seqs, length, pad_id, side), _pad(types, length, 0, side), _pad(mask, length, 0, side)

@@ -80,6 +80,26 @@ def images():
     return [rng.integers(0, 256, (20 + 9 * i, 30 - 4 * i, 3), dtype=np.uint8) for i in range(2)]
 
 
+def decode_masks(model, inputs):
+    "What each layer's eager attention receives at the first decode step: key count and the mask row of row 0."
+    import transformers.models.gemma2.modeling_gemma2 as g2
+    seen, orig = [], g2.eager_attention_forward
+    def spy(module, query, key, value, attention_mask, **kw):
+        if query.shape[2] == 1:  # a decode step (one query)
+            seen.append(dict(layer=module.layer_idx, sliding=module.sliding_window is not None, keys=key.shape[2],
+                             mask_columns=attention_mask.shape[-1],
+                             row0_mask_used=(attention_mask[0, 0, 0, :key.shape[2]] == 0).int().tolist()))
+        return orig(module, query, key, value, attention_mask, **kw)
+    model.config._attn_implementation = model.config.text_config._attn_implementation = "eager"
+    g2.eager_attention_forward = spy
+    try:
+        with torch.no_grad(): model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        g2.eager_attention_forward = orig
+        model.config._attn_implementation = model.config.text_config._attn_implementation = "sdpa"
+    return seen
+
+
 def make(out: Path):
     import transformers
     from safetensors.torch import save_file
@@ -120,6 +140,7 @@ def make(out: Path):
                 out_1 = model.generate(**one, **gen)
                 alone.append(out_1.sequences[0, one["input_ids"].shape[1]:])
                 step_diff.append([float((sb[b] - s1[0]).abs().max()) for sb, s1 in zip(out_b.scores, out_1.scores)])
+        spy = decode_masks(model, inputs) if name == "pg2-slow" else None
         tensors = {"image0": torch.from_numpy(ims[0]), "image1": torch.from_numpy(ims[1]), "logits_last": logits,
                    "tokens": tokens, "tokens_alone": torch.stack(alone), "pixel_values": inputs["pixel_values"],
                    **{k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids")}}
@@ -130,6 +151,7 @@ def make(out: Path):
             processor_returned_token_type_ids=gave_tt,
             max_abs_logit_change_without_token_type_ids=float((no_tt - logits).abs().max()),
             padded_vs_alone_max_abs_logit_diff_per_step=step_diff,
+            first_decode_step_masks=spy,
             files=sorted(p.name for p in d.iterdir() if not p.name.startswith("expected"))), indent=2) + "\n")
         with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:  # one small archive per folder
             for p in sorted(d.iterdir()): tar.add(p, arcname=f"{name}/{p.name}")

@@ -141,7 +141,10 @@ class PaliGemmaConfig:
                                            vision["projection_dim"])
         if d.get("tie_word_embeddings") is False:
             raise ValueError("tie_word_embeddings is false; this model ties the LM head to the token embedding")
-        cfg = cls(vision_config=vision, text_config=text, **top)
+        try: cfg = cls(vision_config=vision, text_config=text, **top)
+        except ValueError as e:
+            if image_ids or "image_token_index" not in str(e): raise
+            raise ValueError(f"{e}; the file names no image_token_index, so transformers' default applies") from None
         for name, sub in given.items():
             n = sub.get("num_image_tokens")
             if n is not None and n != cfg.num_image_tokens:

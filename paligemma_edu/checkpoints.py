@@ -5,6 +5,7 @@
 # %% ../nbs/12_checkpoints.ipynb #123b0c3a
 from __future__ import annotations
 import json
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,41 +14,77 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .core import pick_device, pick_dtype
+from .core import StagedFolder, check_regular_file, pick_device, pick_dtype, read_json
 from .paligemma import PaliGemmaConfig
 
 # %% auto #0
-__all__ = ['KEY_RULES', 'HEAD', 'EMBED', 'find_weight_files', 'read_safetensors', 'map_key', 'remap_state_dict',
-           'check_state_dict', 'tie_head', 'skip_init_weights', 'load_into', 'from_pretrained', 'to_published_key',
+__all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'read_index', 'find_weight_files', 'all_finite', 'CheckpointError',
+           'read_safetensors', 'map_key', 'remap_state_dict', 'check_state_dict', 'tie_head', 'skip_init_weights',
+           'load_into', 'resolve_folder', 'from_pretrained', 'to_published_key', 'stale_weight_files',
            'save_pretrained']
 
 # %% ../nbs/12_checkpoints.ipynb #b4bc2783
-def find_weight_files(folder) -> list:
-    "The safetensors files of a checkpoint folder (single file or shards), with clear errors when absent."
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+
+def _shard_name(name, index) -> str:
+    "A shard file name from an index: a plain name in the same folder, never a path that leaves it."
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).name != name:
+        raise ValueError(f"{index} lists the shard {name!r}, which is not a plain file name in the checkpoint folder; "
+                         "shards outside the folder (../, absolute paths) are refused")
+    return name
+
+def read_index(index: Path) -> dict:
+    "The {tensor: shard file name} map of a safetensors index, validated."
+    weight_map = read_json(index, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+        raise ValueError(f"{index} is not a valid safetensors index: expected a 'weight_map' object of tensor -> shard file")
+    return {k: _shard_name(v, index) for k, v in weight_map.items()}
+
+def find_weight_files(folder) -> tuple:
+    "The safetensors files of a checkpoint folder and the index's weight map (None for a single file); clear errors."
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
-    index = folder / "model.safetensors.index.json"
+    index, single = folder / INDEX, folder / SINGLE
+    if index.exists() and single.exists():
+        raise ValueError(f"{folder} holds both {SINGLE} and {INDEX} (two layouts of the weights); remove the stale one")
     if index.exists():
-        try: weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (expected a 'weight_map'): {e}") from None
+        weight_map = read_index(index)
         files = [folder / f for f in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
-        if missing: raise FileNotFoundError(f"{index.name} lists shards that are not in {folder}: {missing}")
-        return files
-    if (folder / "model.safetensors").exists(): return [folder / "model.safetensors"]
+        if missing: raise FileNotFoundError(f"{INDEX} lists shards that are not in {folder}: {missing}")
+        return files, weight_map
+    if single.exists(): return [single], None
     there = sorted(p.name for p in folder.iterdir())
     pickled = [n for n in there if n.endswith((".bin", ".pt", ".pth"))]
     hint = f" (found pickled weights {pickled}: convert them to safetensors; they are not loaded for safety)" if pickled else ""
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}; it holds {there}{hint}")
+    raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}; it holds {there}{hint}")
 
-def read_safetensors(files) -> dict:
-    "Memory-mapped tensors of every file, by name; a corrupt or truncated file raises naming the file."
-    out = {}
+def all_finite(t: torch.Tensor) -> bool:
+    "Are all values of a floating tensor finite? min and max are NaN or infinite if any value is: two reductions, no copy."
+    if not t.is_floating_point() or t.numel() == 0: return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+class CheckpointError(ValueError):
+    "A checkpoint file is readable but its contents are wrong (raised as is, never rewrapped)."
+
+def read_safetensors(files, weight_map: dict | None = None) -> dict:
+    "Memory-mapped tensors of every file by name: each read once, finite, where the index says; errors name the file."
+    out, origin = {}, {}
     for f in files:
+        check_regular_file(f, "safetensors file")
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys(): out[k] = sf.get_tensor(k)
+                for k in sf.keys():
+                    if k in origin:
+                        raise CheckpointError(f"tensor {k!r} is stored twice: in {origin[k].name} and in {f.name} ({f.parent})")
+                    if weight_map is not None and weight_map.get(k, f.name) != f.name:
+                        raise CheckpointError(f"tensor {k!r} is in {f.name} but {INDEX} says {weight_map[k]}")
+                    t = sf.get_tensor(k)
+                    if not all_finite(t):
+                        raise CheckpointError(f"tensor {k!r} in {f} holds NaN or infinite values; the checkpoint is damaged")
+                    out[k], origin[k] = t, f
+        except CheckpointError: raise
         except Exception as e:
             raise ValueError(f"could not read safetensors file {str(f)!r} (truncated or corrupt?): {e}") from None
     return out
@@ -126,41 +163,64 @@ def load_into(model, sd: dict, dtype, device):
     lm.lm_head.weight = lm.model.embed_tokens.weight  # re-tie: assign created two Parameters
     return model.to(device)  # the non-persistent buffers (RoPE frequencies, position ids)
 
+def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.model")) -> Path:
+    "A local folder for `path`: a folder here, or a Hub repo id ('org/name') fetched with huggingface_hub."
+    if isinstance(path, (str, os.PathLike)) and not str(path).strip():
+        raise ValueError("the checkpoint path is empty; give a folder or a Hub repo id ('' would mean the current folder)")
+    if not isinstance(path, (str, os.PathLike)): raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
+    folder = Path(path)
+    if folder.exists():
+        if not folder.is_dir(): raise NotADirectoryError(f"{str(path)!r} is a file; expected a checkpoint folder")
+        return folder
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
+    return _download(str(path), list(allow_patterns))  # looks like a Hub repo id: "org/name"
+
 def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa"):
     "Load a PaliGemma checkpoint folder (HF layout) strictly, without random initialisation."
-    folder = Path(path)
-    if not folder.exists():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-            raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-        folder = _download(str(path))  # looks like a Hub repo id: "org/name"
+    folder = resolve_folder(path)
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
     cfg = PaliGemmaConfig.from_json_file(cfg_file)
     cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
     dtype, device = pick_dtype(dtype), pick_device(device)
-    sd = remap_state_dict(read_safetensors(find_weight_files(folder)))
+    sd = remap_state_dict(read_safetensors(*find_weight_files(folder)))
     with skip_init_weights(): model = cls(cfg)
     return load_into(model, sd, dtype, device).eval()
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, allow_patterns: list) -> Path:
     "Fetch a Hub repo with huggingface_hub if installed (the only network path of the library)."
     try: from huggingface_hub import snapshot_download
     except ImportError:
         raise FileNotFoundError(f"{repo_id!r} is not a folder here, and huggingface_hub is not installed to fetch it "
                                 f"from the Hub (pip install huggingface_hub)") from None
-    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+    return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
 
 # %% ../nbs/12_checkpoints.ipynb #8cb65aba
 def to_published_key(k: str) -> str:
     "Our tensor name -> the published checkpoint layout."
     return "vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k
 
+def stale_weight_files(folder) -> list:
+    "Weight files of the sharded layout in `folder` (index and shards), which a new single file replaces."
+    folder = Path(folder)
+    names = {p.name for p in folder.glob("model-*-of-*.safetensors")}
+    if (folder / INDEX).exists():
+        names.add(INDEX)
+        try: names |= set(read_index(folder / INDEX).values())
+        except (ValueError, OSError): pass  # an unreadable index is removed all the same
+    return sorted(names)
+
 def save_pretrained(model, folder, processor=None):
-    "Write config.json + model.safetensors (published key layout); the processor too if given."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
-    sd = {to_published_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != HEAD}
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    if processor is not None: processor.save_pretrained(folder)
+    "Write config.json + model.safetensors (published key layout), and the processor if given, atomically."
+    if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
+    folder = Path(folder)
+    with StagedFolder(folder) as st:
+        st.write_text("config.json", json.dumps(model.cfg.to_dict(), indent=2))
+        sd = {to_published_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != HEAD}
+        save_file(sd, str(st.path(SINGLE)), metadata={"format": "pt"})
+        stale = stale_weight_files(folder)
+        if processor is not None: stale += processor.stage_files(st)
+        st.commit(remove=stale)
     return folder

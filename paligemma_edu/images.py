@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from .core import StagedFolder, read_json
+
 # %% auto #0
 __all__ = ['make_demo_image', 'show_image', 'load_image', 'SiglipImageProcessor', 'to_pil']
 
@@ -162,10 +164,10 @@ class SiglipImageProcessor:
 
     @classmethod
     def from_json_file(cls, path) -> "SiglipImageProcessor":
-        "Build from a preprocessor_config.json file."
-        path = Path(path)
-        if not path.is_file(): raise FileNotFoundError(f"no preprocessor config at {str(path)!r}")
-        return cls.from_dict(json.loads(path.read_text()))
+        "Build from a preprocessor_config.json file (a regular file of sane size); errors name the file."
+        d = read_json(path, "preprocessor config")
+        try: return cls.from_dict(d)
+        except (ValueError, TypeError) as e: raise ValueError(f"preprocessor config {str(path)!r}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, folder) -> "SiglipImageProcessor":
@@ -185,10 +187,11 @@ class SiglipImageProcessor:
         if self.image_seq_length is None:
             raise ValueError("image_seq_length is not set; PaliGemmaProcessor needs it. Set it to the number of image "
                              "tokens, (image_size // patch_size) ** 2, e.g. 256 for 224 px and 14 px patches")
-        path = Path(folder) / "preprocessor_config.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        with StagedFolder(folder) as st:  # temporary name, then os.replace: never a half-written file
+            st.write_text("preprocessor_config.json", self.to_json_string()); st.commit()
+        return Path(folder) / "preprocessor_config.json"
+
+    def to_json_string(self) -> str: return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def preprocess_one(self, image) -> torch.Tensor:
         "One image -> float32 (3, H, W) tensor."

@@ -4,23 +4,67 @@
 
 # %% ../nbs/09_paligemma.ipynb #5e55f995
 from __future__ import annotations
-import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .core import read_json
 from .siglip import SiglipVisionConfig, SiglipVisionModel
 from .gemma import GemmaConfig, GemmaForCausalLM, ModelOutput, default_positions
 
 # %% auto #0
-__all__ = ['PaliGemmaConfig', 'PaliGemmaMultiModalProjector', 'merge_image_features', 'check_inputs',
-           'PaliGemmaForConditionalGeneration']
+__all__ = ['HF_TEXT_DEFAULTS', 'HF_VISION_DEFAULTS', 'HF_IMAGE_TOKEN_INDEX', 'PaliGemmaConfig', 'PaliGemmaMultiModalProjector',
+           'merge_image_features', 'check_inputs', 'PaliGemmaForConditionalGeneration']
 
 # %% ../nbs/09_paligemma.ipynb #98ff2ba5
 def _paligemma_text_defaults() -> GemmaConfig: return GemmaConfig()
 def _paligemma_vision_defaults() -> SiglipVisionConfig: return SiglipVisionConfig()
+
+# transformers' class defaults, for fields a config.json leaves out (it writes only values that differ from them)
+HF_TEXT_DEFAULTS = {
+    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=16, head_dim=256),
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256)}
+HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          image_size=224, patch_size=16, vision_use_head=True)
+HF_IMAGE_TOKEN_INDEX = 256000  # transformers' default when a file names no <image> id
+
+_POSITIVE_INTS = {"": ("vocab_size", "projection_dim", "hidden_size"),
+                  "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                  "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"),
+                  "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                    "num_channels", "image_size", "patch_size")}
+_POSITIVE_NUMBERS = {"": (), "vision_config": ("layer_norm_eps",),
+                     "text_config": ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
+                                     "final_logit_softcapping")}
+
+def _check_values(d: dict, where: str = ""):
+    "One-line errors for sizes that are not positive ints, scales that are not positive numbers, bad token ids."
+    name = lambda k: f"{where}.{k}" if where else k
+    for k in _POSITIVE_INTS[where]:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{name(k)} must be a positive integer; found {v!r}")
+    for k in _POSITIVE_NUMBERS[where]:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"{name(k)} must be a positive number; found {v!r}")
+    if where == "vision_config": return
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        v = d.get(k)
+        for i in (v if isinstance(v, list) else [v]):
+            if i is not None and (isinstance(i, bool) or not isinstance(i, int) or i < 0):
+                raise ValueError(f"{name(k)} must be a token id (an integer >= 0) or a list of them; found {v!r}")
+
+def _agree(name: str, value, other_name: str, other):
+    "`value` if given, else `other`; both given and different is an error naming both."
+    if value is not None and value != other:
+        raise ValueError(f"{name} ({value!r}) differs from {other_name} ({other!r}); they must be equal (or give only one)")
+    return other
 
 @dataclass
 class PaliGemmaConfig:
@@ -28,44 +72,90 @@ class PaliGemmaConfig:
     vision_config: SiglipVisionConfig | dict = field(default_factory=_paligemma_vision_defaults)
     text_config: GemmaConfig | dict = field(default_factory=_paligemma_text_defaults)
     image_token_index: int = 257152
-    vocab_size: int = 257216
-    projection_dim: int = 2048
-    hidden_size: int = 2048
+    vocab_size: int | None = None      # None: text_config's
+    projection_dim: int | None = None  # None: text_config's hidden_size
+    hidden_size: int | None = None     # None: text_config's hidden_size
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: int | list = 1
 
     def __post_init__(self):
+        _check_values(vars(self))
+        for name, cls in (("vision_config", SiglipVisionConfig), ("text_config", GemmaConfig)):
+            sub = getattr(self, name)
+            if not isinstance(sub, (dict, cls)):
+                raise TypeError(f"{name} must be a dict or a {cls.__name__}; found {type(sub).__name__}")
+            _check_values(sub if isinstance(sub, dict) else vars(sub), name)
         if isinstance(self.vision_config, dict): self.vision_config = SiglipVisionConfig.from_dict(self.vision_config)
-        if isinstance(self.text_config, dict): self.text_config = GemmaConfig.from_dict(self.text_config)
+        if isinstance(self.text_config, dict):
+            text = dict(self.text_config)
+            if text.get("vocab_size") is None and self.vocab_size is not None: text["vocab_size"] = self.vocab_size
+            self.text_config = GemmaConfig.from_dict(text)
         t = self.text_config
-        if self.projection_dim != t.hidden_size:
-            raise ValueError(f"projection_dim ({self.projection_dim}) must equal the text hidden_size ({t.hidden_size})")
-        if self.vocab_size != t.vocab_size:
-            raise ValueError(f"vocab_size ({self.vocab_size}) differs from text_config.vocab_size ({t.vocab_size})")
-        if not 0 <= self.image_token_index < self.vocab_size:
-            raise ValueError(f"image_token_index {self.image_token_index} is outside the vocabulary [0, {self.vocab_size})")
+        self.vocab_size = _agree("vocab_size", self.vocab_size, "text_config.vocab_size", t.vocab_size)
+        self.projection_dim = _agree("projection_dim", self.projection_dim, "text_config.hidden_size", t.hidden_size)
+        self.hidden_size = _agree("hidden_size", self.hidden_size, "text_config.hidden_size", t.hidden_size)
+        if not isinstance(self.image_token_index, int) or not 0 <= self.image_token_index < self.vocab_size:
+            raise ValueError(f"image_token_index {self.image_token_index!r} is outside the vocabulary [0, {self.vocab_size})")
+        for where, owner in (("", self), ("text_config.", t)):
+            for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                v = getattr(owner, k)
+                if any(i is not None and i >= self.vocab_size for i in (v if isinstance(v, list) else [v])):
+                    raise ValueError(f"{where}{k} {v!r} is outside the vocabulary [0, {self.vocab_size})")
 
     @property
     def num_image_tokens(self) -> int: return self.vision_config.num_patches
 
     @classmethod
     def from_dict(cls, d: dict) -> "PaliGemmaConfig":
-        "Build from a PaliGemma config.json dict; text fields absent from text_config come from the top level."
+        "Read a config.json dict as transformers does: omitted fields take transformers' defaults for their model type."
+        if not isinstance(d, dict): raise TypeError(f"a PaliGemma config must be a JSON object; found {type(d).__name__}")
         if d.get("model_type", "paligemma") != "paligemma":
             raise ValueError(f"expected a config of model_type 'paligemma', found {d.get('model_type')!r}")
-        text = dict(d.get("text_config") or {})
-        text.setdefault("vocab_size", d.get("vocab_size", 257216))
-        keys = ("image_token_index", "vocab_size", "projection_dim", "hidden_size", "pad_token_id", "bos_token_id", "eos_token_id")
-        top = {k: d[k] for k in keys if d.get(k) is not None}
-        if "image_token_index" not in top and "image_token_id" in d: top["image_token_index"] = d["image_token_id"]
-        top.setdefault("projection_dim", (d.get("vision_config") or {}).get("projection_dim", text.get("hidden_size", 2048)))
-        top.setdefault("hidden_size", text.get("hidden_size", 2048))
-        return cls(vision_config=dict(d.get("vision_config") or {}), text_config=text, **top)
+        given = {}
+        for name, what in (("vision_config", "SigLIP"), ("text_config", "Gemma")):
+            sub = d.get(name)
+            if not isinstance(sub, dict):
+                raise ValueError(f"{name} is {'missing' if sub is None else 'a ' + type(sub).__name__}; expected an object "
+                                 f"with the {what} sizes (a PaliGemma config has both vision_config and text_config)")
+            given[name] = sub
+        text, vision = dict(given["text_config"]), dict(given["vision_config"])
+        text.setdefault("model_type", "gemma")
+        if text["model_type"] not in HF_TEXT_DEFAULTS:
+            raise ValueError(f"text_config.model_type must be one of {sorted(HF_TEXT_DEFAULTS)}; found {text['model_type']!r}")
+        if vision.setdefault("model_type", "siglip_vision_model") != "siglip_vision_model":
+            raise ValueError(f"vision_config.model_type must be 'siglip_vision_model'; found {vision['model_type']!r}")
+        top = {k: d[k] for k in ("vocab_size", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id") if d.get(k) is not None}
+        defaults = HF_TEXT_DEFAULTS[text["model_type"]]
+        if "vocab_size" in top: defaults = {k: v for k, v in defaults.items() if k != "vocab_size"}  # given at the top only
+        text, vision = defaults | text, HF_VISION_DEFAULTS | vision
+        image_ids = {k: d[k] for k in ("image_token_index", "image_token_id") if d.get(k) is not None}
+        if len(set(map(str, image_ids.values()))) > 1:
+            raise ValueError(f"image_token_index ({image_ids['image_token_index']!r}) differs from image_token_id "
+                             f"({image_ids['image_token_id']!r})")
+        top["image_token_index"] = next(iter(image_ids.values()), HF_IMAGE_TOKEN_INDEX)
+        if vision.get("projection_dim") is not None:  # transformers overwrites it with the top-level projection_dim
+            top["projection_dim"] = _agree("projection_dim", top.get("projection_dim"), "vision_config.projection_dim",
+                                           vision["projection_dim"])
+        if d.get("tie_word_embeddings") is False:
+            raise ValueError("tie_word_embeddings is false; this model ties the LM head to the token embedding")
+        try: cfg = cls(vision_config=vision, text_config=text, **top)
+        except ValueError as e:
+            if image_ids or "image_token_index" not in str(e): raise
+            raise ValueError(f"{e}; the file names no image_token_index, so transformers' default applies") from None
+        for name, sub in given.items():
+            n = sub.get("num_image_tokens")
+            if n is not None and n != cfg.num_image_tokens:
+                raise ValueError(f"{name}.num_image_tokens ({n!r}) differs from (image_size // patch_size) ** 2 "
+                                 f"({cfg.num_image_tokens})")
+        return cfg
 
     @classmethod
     def from_json_file(cls, path) -> "PaliGemmaConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        "Read a config.json; every error names the file."
+        d = read_json(path, "config file")
+        try: return cls.from_dict(d)
+        except (ValueError, TypeError) as e: raise ValueError(f"config file {str(path)!r}: {e}") from None
 
     def to_dict(self) -> dict:
         "A config.json dict that `transformers` reads."

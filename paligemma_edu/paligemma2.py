@@ -10,7 +10,7 @@ from .paligemma import PaliGemmaConfig
 from .siglip import soft_cap
 
 # %% auto #0
-__all__ = ['plot_softcap', 'paligemma2_3b_config']
+__all__ = ['PALIGEMMA2_SIZES', 'plot_softcap', 'paligemma2_config', 'paligemma2_3b_config']
 
 # %% ../nbs/18_paligemma2.ipynb #8f462247
 def plot_softcap(caps=(30.0, 50.0), ax=None):
@@ -24,12 +24,23 @@ def plot_softcap(caps=(30.0, 50.0), ax=None):
     return ax
 
 # %% ../nbs/18_paligemma2.ipynb #e70ace7c
-def paligemma2_3b_config(image_size: int = 224) -> PaliGemmaConfig:
-    "The paligemma2-3b-pt shape (SigLIP So400m/14 + Gemma 2 2B)."
-    text = dict(model_type="gemma2", vocab_size=257216, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
-                max_position_embeddings=8192)
+PALIGEMMA2_SIZES = {  # Gemma 2 decoder of each PaliGemma 2 size (transformers' and big_vision's variant tables)
+    "3b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
+    "10b": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
+    "28b": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
+                num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144)}
+
+def paligemma2_config(size: str = "3b", image_size: int = 224) -> PaliGemmaConfig:
+    "The paligemma2-{size}-pt shape (SigLIP So400m/14 + a Gemma 2 decoder) at 224, 448 or 896 pixels."
+    if size not in PALIGEMMA2_SIZES: raise ValueError(f"size must be one of {sorted(PALIGEMMA2_SIZES)}; found {size!r}")
+    text = dict(model_type="gemma2", vocab_size=257216, sliding_window=4096, final_logit_softcapping=30.0,
+                attn_logit_softcapping=50.0, max_position_embeddings=8192) | PALIGEMMA2_SIZES[size]
     vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                   image_size=image_size, patch_size=14)
-    return PaliGemmaConfig(vision_config=vision, text_config=text, projection_dim=2304, hidden_size=2304)
+    return PaliGemmaConfig(vision_config=vision, text_config=text)
+
+def paligemma2_3b_config(image_size: int = 224) -> PaliGemmaConfig:
+    "The paligemma2-3b-pt shape (SigLIP So400m/14 + Gemma 2 2B)."
+    return paligemma2_config("3b", image_size)

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .core import StagedFolder, check_regular_file, read_json
+
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'LOC_TOKENS', 'SEG_TOKENS', 'SPECIAL_TOKENS', 'build_paligemma_tokenizer', 'PaliGemmaTokenizer',
            'ProcessorOutput', 'PaliGemmaProcessor', 'plot_token_layout']
@@ -77,25 +79,48 @@ def build_paligemma_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, 
     return out_dir
 
 # %% ../nbs/10_processor.ipynb #78f5f8bb
+def _added_tokens(folder: Path) -> dict:
+    "Added tokens transformers records in tokenizer_config.json (`added_tokens_decoder`), as {text: id}."
+    path = folder / "tokenizer_config.json"
+    if not path.exists(): return {}
+    dec = read_json(path, "tokenizer config").get("added_tokens_decoder") or {}
+    try: return {v["content"]: int(k) for k, v in dec.items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ValueError(f"tokenizer config {str(path)!r}: added_tokens_decoder must map ids to {{'content': text}}") from None
+
 class PaliGemmaTokenizer:
     "Gemma/PaliGemma tokenizer without transformers: `tokenizer.json` via `tokenizers`, else `tokenizer.model` via sentencepiece."
     def __init__(self, folder: str | os.PathLike):
         folder = Path(folder)
-        self.folder = folder
+        self.folder, self.added = folder, {}    # added: transformers' added tokens beyond tokenizer.model, text -> id
         if (folder / "tokenizer.json").exists():
+            path = check_regular_file(folder / "tokenizer.json", "tokenizer file")
             from tokenizers import Tokenizer
-            self.backend, self._tk = "tokenizers", Tokenizer.from_file(str(folder / "tokenizer.json"))
+            try: self._tk = Tokenizer.from_file(str(path))
+            except Exception as e:
+                raise ValueError(f"tokenizer file {str(path)!r} is not a tokenizer.json that `tokenizers` can read "
+                                 f"({str(e).splitlines()[0][:120]})") from None
+            self.backend = "tokenizers"
             self._piece_to_id, self._id_to_piece = self._tk.token_to_id, self._tk.id_to_token
             self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
         elif (folder / "tokenizer.model").exists():
+            path = check_regular_file(folder / "tokenizer.model", "tokenizer file")
             import sentencepiece as spm
-            self.backend, self._sp = "sentencepiece", spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-            self._piece_to_id = lambda p: (i if (i := self._sp.piece_to_id(p)) != self._sp.unk_id() or p == "<unk>" else None)
-            self._id_to_piece = self._sp.id_to_piece
-            self.vocab_size = self._sp.get_piece_size()
+            try: sp = spm.SentencePieceProcessor(model_file=str(path))
+            except Exception as e:
+                raise ValueError(f"tokenizer file {str(path)!r} is not a SentencePiece model "
+                                 f"({str(e).splitlines()[0][:120]})") from None
+            self.backend, self._sp, self.added = "sentencepiece", sp, _added_tokens(folder)
+            names = {i: t for t, i in self.added.items()}
+            self._piece_to_id = lambda p: self.added.get(p, i if (i := sp.piece_to_id(p)) != sp.unk_id() or p == "<unk>" else None)
+            self._id_to_piece = lambda i: names[i] if i in names else sp.id_to_piece(i)
+            self.vocab_size = max([sp.get_piece_size()] + [i + 1 for i in names])
         else:
             raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {str(folder)!r}; "
                                     "build one with build_paligemma_tokenizer(texts, folder)")
+        self._added_ids = set(self.added.values())
+        self._split_re = _SPECIAL_RE if not self.added else re.compile(
+            "(" + "|".join(sorted(map(re.escape, self.added), key=len, reverse=True)) + "|" + _SPECIAL_RE.pattern[1:])
         ids = {k: self._piece_to_id(v) for k, v in {**SPECIAL_TOKENS, "image": IMAGE_TOKEN}.items()}
         expected = {"pad": 0, "eos": 1, "bos": 2, "unk": 3}
         if any(ids[k] != v for k, v in expected.items()) or ids["image"] is None:
@@ -127,9 +152,9 @@ class PaliGemmaTokenizer:
         if not isinstance(text, str): raise TypeError(f"encode expects a str, found {type(text).__name__}")
         ids = [self.bos_token_id] if add_bos else []
         if self.backend == "tokenizers": return ids + self._encode_plain(text)  # tokenizer.json knows its added tokens
-        for part in _SPECIAL_RE.split(text):
+        for part in self._split_re.split(text):
             if not part: continue
-            special = self._piece_to_id(part) if _SPECIAL_RE.fullmatch(part) else None
+            special = self._piece_to_id(part) if self._split_re.fullmatch(part) else None
             ids += [special] if special is not None else self._encode_plain(part)
         return ids
 
@@ -141,7 +166,7 @@ class PaliGemmaTokenizer:
         # sentencepiece drops control tokens and writes <unk> as ' ⁇ ': decode runs of ordinary ids, specials by name
         out, run = [], []
         for i in ids + [None]:
-            if i is not None and i > 3: run.append(i); continue
+            if i is not None and i > 3 and i < self._sp.get_piece_size() and i not in self._added_ids: run.append(i); continue
             if run: out.append(self._sp.decode(run)); run = []
             if i is not None: out.append(self._id_to_piece(i))
         return "".join(out)
@@ -231,28 +256,43 @@ class PaliGemmaProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **kwargs) -> "PaliGemmaProcessor":
-        "Tokenizer files and preprocessor_config.json from `folder`; image_seq_length from there or from config.json."
+        "Tokenizer files and preprocessor_config.json from a folder or Hub id; image_seq_length from there or config.json."
         from paligemma_edu.images import SiglipImageProcessor
-        folder = Path(folder)
+        from paligemma_edu.checkpoints import resolve_folder
+        folder = resolve_folder(folder, allow_patterns=("*.json", "tokenizer.model"))  # the same paths as the model's
         ip = SiglipImageProcessor.from_pretrained(folder)
         seq = getattr(ip, "image_seq_length", None)
-        if seq is None and (folder / "config.json").exists():
-            v = json.loads((folder / "config.json").read_text()).get("vision_config", {})
-            if "image_size" in v and "patch_size" in v: seq = (v["image_size"] // v["patch_size"]) ** 2
+        if seq is None and (folder / "config.json").exists():  # only the vision part is needed here
+            v = read_json(folder / "config.json", "config file").get("vision_config") or {}
+            size, patch = v.get("image_size"), v.get("patch_size")
+            if size is not None and patch is not None:
+                if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (size, patch)):
+                    raise ValueError(f"config file {str(folder / 'config.json')!r}: vision_config.image_size and patch_size "
+                                     f"must be positive integers; found {size!r} and {patch!r}")
+                seq = (size // patch) ** 2
         if seq is None:
             raise ValueError(f"cannot tell the number of image tokens: {str(folder)!r} has no image_seq_length in "
                              "preprocessor_config.json and no config.json with vision_config.image_size/patch_size")
         return cls(ip, PaliGemmaTokenizer(folder), image_seq_length=seq, **kwargs)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        "Write the tokenizer files and preprocessor_config.json (with image_seq_length) to `folder`."
+    TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+    def stage_files(self, st: StagedFolder) -> list:
+        "Write the tokenizer files and preprocessor_config.json into `st`; return the stale tokenizer files to remove."
         import dataclasses
-        folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        written = []
+        for name in self.TOKENIZER_FILES:
             src = self.tokenizer.folder / name
-            if src.exists() and src.resolve() != (folder / name).resolve(): shutil.copy(src, folder / name)
-        dataclasses.replace(self.image_processor, image_seq_length=self.image_seq_length).save_pretrained(folder)
-        return folder
+            if src.is_file(): shutil.copyfile(src, st.path(name)); written.append(name)
+        ip = dataclasses.replace(self.image_processor, image_seq_length=self.image_seq_length)
+        st.write_text("preprocessor_config.json", ip.to_json_string())
+        return [n for n in self.TOKENIZER_FILES if n not in written]  # e.g. an old tokenizer.json beside a new .model
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        "Write the tokenizer files and preprocessor_config.json to `folder` atomically, removing stale tokenizer files."
+        if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
+        with StagedFolder(folder) as st: st.commit(remove=self.stage_files(st))
+        return Path(folder)
 
     def __call__(self, images=None, text: str | list[str] | None = None, suffix: str | list[str] | None = None,
                  padding: bool | str = "longest", max_length: int | None = None, truncation: bool = False,

@@ -34,8 +34,10 @@ _VIT = "img/Transformer/encoderblock/"
 def big_vision_shapes(cfg: PaliGemmaConfig) -> dict:
     "Every parameter of a big_vision PaliGemma checkpoint (scanned layers) and its shape, for `cfg`."
     v, t = cfg.vision_config, cfg.text_config
-    Dv, Fv, Lv, Hv, p, C, N = v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.num_channels, v.num_patches
-    D, F, L, H, K, Dh, V = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.vocab_size
+    Dv, Fv, Lv, Hv = v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads
+    p, C, N = v.patch_size, v.num_channels, v.num_patches
+    D, F, L, H, K = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads
+    Dh, V = t.head_dim, t.vocab_size
     s = {"img/embedding/kernel": (p, p, C, Dv), "img/embedding/bias": (Dv,), "img/pos_embedding": (1, N, Dv)}
     for ln in ("LayerNorm_0", "LayerNorm_1"): s |= {f"{_VIT}{ln}/scale": (Lv, Dv), f"{_VIT}{ln}/bias": (Lv, Dv)}
     s |= {f"{_VIT}MlpBlock_0/Dense_0/kernel": (Lv, Dv, Fv), f"{_VIT}MlpBlock_0/Dense_0/bias": (Lv, Fv),
@@ -70,7 +72,8 @@ def read_npz(path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as z: arrays = {k: z[k] for k in z.files}
     except Exception as e:
-        raise ValueError(f"could not read {str(path)!r} as a big_vision .npz ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        first_line = str(e).splitlines()[0][:120]
+        raise ValueError(f"could not read {str(path)!r} as a big_vision .npz ({type(e).__name__}: {first_line})") from None
     if arrays and all(k.startswith("params/") for k in arrays): arrays = {k[len("params/"):]: v for k, v in arrays.items()}
     out = {}
     for k, a in arrays.items():
@@ -90,7 +93,8 @@ def check_big_vision(params: dict, cfg: PaliGemmaConfig, where: str = "checkpoin
         if k == "llm/embedder/input_embedding" and pad_vocab and got[1:] == exp[1:] and got[0] <= exp[0]: continue
         if got != exp: bad.append(f"{k}: expected {exp}, found {got}")
     if missing or unexpected or bad:
-        parts = [f"{len(missing)} missing: {missing}" if missing else "", f"{len(unexpected)} unexpected: {unexpected}" if unexpected else "",
+        parts = [f"{len(missing)} missing: {missing}" if missing else "",
+                 f"{len(unexpected)} unexpected: {unexpected}" if unexpected else "",
                  f"{len(bad)} mis-shaped: {bad}" if bad else ""]
         hint = ("; the Hub layout adds rows for <image> and padding: pass pad_vocab=True to append zero rows"
                 if any(b.startswith("llm/embedder") for b in bad) and not pad_vocab else "")
@@ -100,9 +104,10 @@ def check_big_vision(params: dict, cfg: PaliGemmaConfig, where: str = "checkpoin
 def vision_from_big_vision(p: dict, cfg: PaliGemmaConfig) -> dict:
     "Our SigLIP + projector tensors from big_vision's `img/...` parameters (flax ViT, layers stacked on axis 0)."
     v = cfg.vision_config
-    Dv, Hv = v.hidden_size, v.num_attention_heads
+    Dv = v.hidden_size
     b = lambda name: p[_VIT + name]
-    out = {"vision_tower.embeddings.patch_embedding.weight": p["img/embedding/kernel"].permute(3, 2, 0, 1),  # (p,p,C,Dv) -> (Dv,C,p,p)
+    out = {"vision_tower.embeddings.patch_embedding.weight":
+               p["img/embedding/kernel"].permute(3, 2, 0, 1),                        # (p, p, C, Dv) -> (Dv, C, p, p)
            "vision_tower.embeddings.patch_embedding.bias": p["img/embedding/bias"],
            "vision_tower.embeddings.position_embedding.weight": p["img/pos_embedding"].reshape(-1, Dv),   # (1,N,Dv) -> (N,Dv)
            "vision_tower.post_layernorm.weight": p["img/Transformer/encoder_norm/scale"],

@@ -154,7 +154,8 @@ def parse_recipe(text: str | None) -> dict:
     if not text: return {}
     try: recipe = json.loads(text)
     except json.JSONDecodeError as e: raise ValueError(f"the recipe is not valid JSON ({e}): {text!r}") from None
-    if not isinstance(recipe, dict): raise ValueError(f"the recipe must be a JSON object, found {type(recipe).__name__}: {text!r}")
+    if not isinstance(recipe, dict):
+        raise ValueError(f"the recipe must be a JSON object, found {type(recipe).__name__}: {text!r}")
     return check_recipe(recipe)
 
 # %% ../nbs/17_bundled_model.ipynb #935c3349

@@ -54,8 +54,9 @@ def tiny_model(kind: str, vocab: int, image_token: int, seed: int):
     "A tiny random PaliGemma (kind 'gemma' or 'gemma2') whose norms and (for gemma2) attention scores are not trivial."
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
     D, mul = (16, 3.0) if kind == "gemma" else (32, 2.0)  # sizes where greedy decoding does not just repeat a token
-    text = dict(model_type=kind, vocab_size=vocab, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2 if kind == "gemma" else 4,
-                num_attention_heads=2, num_key_value_heads=1 if kind == "gemma" else 2, head_dim=D // 2, max_position_embeddings=128,
+    gemma1 = kind == "gemma"
+    text = dict(model_type=kind, vocab_size=vocab, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2 if gemma1 else 4,
+                num_attention_heads=2, num_key_value_heads=1 if gemma1 else 2, head_dim=D // 2, max_position_embeddings=128,
                 rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh")
     if kind == "gemma2":
         text |= dict(query_pre_attn_scalar=D // 2, sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
@@ -111,7 +112,8 @@ def make(out: Path):
     fast_dir = work / "fast"
     GemmaTokenizerFast(vocab_file=str(work / "tokenizer.model")).save_pretrained(fast_dir)
     (fast_dir / "tokenizer.model").unlink(missing_ok=True)          # a fast-only tokenizer: tokenizer.json alone
-    toks = {"pg1-fast": GemmaTokenizerFast.from_pretrained(fast_dir), "pg2-slow": GemmaTokenizer(vocab_file=str(work / "tokenizer.model"))}
+    toks = {"pg1-fast": GemmaTokenizerFast.from_pretrained(fast_dir),
+            "pg2-slow": GemmaTokenizer(vocab_file=str(work / "tokenizer.model"))}
     seeds = {"pg1-fast": 0, "pg2-slow": 2}  # pg2: a seed whose padded row's greedy tokens change in 4.57 (not every seed's do)
     for name, tok in toks.items():
         seed = seeds[name]

@@ -69,7 +69,8 @@ def hf_to_big_vision(hf) -> dict:
         for i in range(L)])
     # einsum("BTNH,NHD->BTD"): w[n, h, d] = W_o[d, n*Dh + h]
     out["llm/layers/attn/attn_vec_einsum/w"] = lstack("self_attn.o_proj.weight", lambda w: w.T.reshape(H, Dh, D))
-    out["llm/layers/mlp/gating_einsum"] = np.stack([np.stack([sd[T + f"layers.{i}.mlp.{p}_proj.weight"].T for p in ("gate", "up")])
+    out["llm/layers/mlp/gating_einsum"] = np.stack([np.stack([sd[T + f"layers.{i}.mlp.{p}_proj.weight"].T
+                                                               for p in ("gate", "up")])
                                                     for i in range(L)])
     out["llm/layers/mlp/linear"] = lstack("mlp.down_proj.weight", lambda w: w.T)
     out["llm/layers/pre_attention_norm/scale"] = lstack("input_layernorm.weight")

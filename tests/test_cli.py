@@ -13,7 +13,8 @@ EXE = shutil.which("paligemma-edu")
 
 
 def run(*args):
-    cmd = [EXE, *args] if EXE else [sys.executable, "-c", "import sys; from paligemma_edu.cli import main; sys.exit(main())", *args]
+    cmd = ([EXE, *args] if EXE else
+           [sys.executable, "-c", "import sys; from paligemma_edu.cli import main; sys.exit(main())", *args])
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -55,7 +56,8 @@ def test_demo_writes_picture(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["generate", "--image", "/no/such/image.png", "--prompt", "caption en"], "/no/such/image.png"),
     (["generate", "--model", "/no/such/folder", "--image", "__IMG__", "--prompt", "caption en"], "/no/such/folder"),
-    (["generate", "--image", "__IMG__", "--image", "__IMG__", "--prompt", "a", "--prompt", "b", "--prompt", "c"], "3 prompts for 2 images"),
+    (["generate", "--image", "__IMG__", "--image", "__IMG__", "--prompt", "a", "--prompt", "b", "--prompt", "c"],
+     "3 prompts for 2 images"),
     (["train", "--out", "/tmp/never-written", "--recipe", '{"learning_rate": 1}'], "unknown recipe keys ['learning_rate']"),
     (["train", "--out", "/tmp/never-written", "--recipe", '{"steps": "4"}'], "steps='4' (expected a number"),
     (["train", "--out", "/tmp/never-written", "--device", "cuda"], "CUDA is not available"),

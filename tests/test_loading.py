@@ -80,11 +80,13 @@ def test_failed_processor_save_leaves_previous_files(source, tmp_path, monkeypat
 def test_save_removes_stale_layouts(model, source, tmp_path):
     "An old shard index and its shards, and an old tokenizer.json beside a new slow tokenizer, do not survive a save."
     d = tmp_path / "ckpt"; d.mkdir()
-    sd = {k: v.clone() + 1 for k, v in load_file(Model.from_pretrained(source[0]).save_pretrained(tmp_path / "x") / "model.safetensors").items()}
+    saved = Model.from_pretrained(source[0]).save_pretrained(tmp_path / "x")
+    sd = {k: v.clone() + 1 for k, v in load_file(saved / "model.safetensors").items()}
     keys = sorted(sd)
     save_file({k: sd[k] for k in keys[:5]}, d / "model-00001-of-00002.safetensors")
     save_file({k: sd[k] for k in keys[5:]}, d / "model-00002-of-00002.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f"model-0000{1 + (i >= 5)}-of-00002.safetensors" for i, k in enumerate(keys)}}))
+    weight_map = {k: f"model-0000{1 + (i >= 5)}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (d / "tokenizer.json").write_text("{}")
     slow = tmp_path / "slow"; shutil.copytree(source[1], slow); (slow / "tokenizer.json").unlink()
     model.save_pretrained(d, processor=PaliGemmaProcessor.from_pretrained(slow))
@@ -107,7 +109,8 @@ def test_same_tensor_in_two_shards(saved, tmp_path):
     d = tmp_path / "dup"; sd, keys = _shards(saved, d)
     save_file({k: sd[k] for k in keys[:6]}, d / "a.safetensors")
     save_file({k: sd[k] for k in keys[5:]}, d / "b.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "a.safetensors" if i < 6 else "b.safetensors" for i, k in enumerate(keys)}}))
+    weight_map = {k: "a.safetensors" if i < 6 else "b.safetensors" for i, k in enumerate(keys)}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ValueError) as e: Model.from_pretrained(d)
     assert keys[5] in one_line(e) and "a.safetensors" in str(e.value) and "b.safetensors" in str(e.value)
 
@@ -159,7 +162,8 @@ def test_only_regular_files_are_read(saved, source, tmp_path, name, kind):
     if kind == "fifo": os.mkfifo(d / name)
     elif kind == "devzero": os.symlink("/dev/zero", d / name)
     else: (d / name).mkdir()
-    load = (lambda: Model.from_pretrained(d)) if name in ("config.json", "model.safetensors") else (lambda: PaliGemmaProcessor.from_pretrained(d))
+    by_model = name in ("config.json", "model.safetensors")
+    load = (lambda: Model.from_pretrained(d)) if by_model else (lambda: PaliGemmaProcessor.from_pretrained(d))
     e = _run_with_timeout(load)
     assert isinstance(e, (ValueError, OSError)), e
     assert name in str(e) and ("regular file" in str(e) or "folder" in str(e)) and "\n" not in str(e)
@@ -203,12 +207,16 @@ BAD_CONFIGS = {
     "no text_config": ({k: v for k, v in GOOD.items() if k != "text_config"}, "text_config is missing"),
     "text_config null": (GOOD | {"text_config": None}, "text_config is missing"),
     "no vision_config": ({k: v for k, v in GOOD.items() if k != "vision_config"}, "vision_config is missing"),
-    "zero layers": (GOOD | {"text_config": GOOD["text_config"] | {"num_hidden_layers": 0}}, "text_config.num_hidden_layers must be a positive integer; found 0"),
-    "negative width": (GOOD | {"vision_config": GOOD["vision_config"] | {"hidden_size": -32}}, "vision_config.hidden_size must be a positive integer; found -32"),
+    "zero layers": (GOOD | {"text_config": GOOD["text_config"] | {"num_hidden_layers": 0}},
+                    "text_config.num_hidden_layers must be a positive integer; found 0"),
+    "negative width": (GOOD | {"vision_config": GOOD["vision_config"] | {"hidden_size": -32}},
+                       "vision_config.hidden_size must be a positive integer; found -32"),
     "string size": (GOOD | {"text_config": GOOD["text_config"] | {"num_attention_heads": "4"}}, "found '4'"),
     "word size": (GOOD | {"vision_config": GOOD["vision_config"] | {"patch_size": "abc"}}, "found 'abc'"),
-    "eps string": (GOOD | {"text_config": GOOD["text_config"] | {"rms_norm_eps": "abc"}}, "rms_norm_eps must be a positive number"),
-    "pad >= vocab": (GOOD | {"text_config": GOOD["text_config"] | {"pad_token_id": 300}}, "pad_token_id 300 is outside the vocabulary"),
+    "eps string": (GOOD | {"text_config": GOOD["text_config"] | {"rms_norm_eps": "abc"}},
+                   "rms_norm_eps must be a positive number"),
+    "pad >= vocab": (GOOD | {"text_config": GOOD["text_config"] | {"pad_token_id": 300}},
+                     "pad_token_id 300 is outside the vocabulary"),
     "top pad >= vocab": (GOOD | {"pad_token_id": 1000}, "pad_token_id 1000 is outside the vocabulary"),
     "untied": (GOOD | {"tie_word_embeddings": False}, "tie_word_embeddings is false"),
     "gemma3": (GOOD | {"text_config": GOOD["text_config"] | {"model_type": "gemma3"}}, "text_config.model_type must be one of"),

@@ -25,7 +25,8 @@ def hf_pg2(seed=0, **text):
 def rows(seed=0):
     "Two left-padded rows, 16 image tokens, prefix and 4-token suffix; ~27 tokens > window 8."
     g = torch.Generator().manual_seed(seed)
-    r = [[299] * 16 + [2] + torch.randint(3, 290, (n,), generator=g).tolist() + [108] + torch.randint(3, 290, (4,), generator=g).tolist()
+    r = [[299] * 16 + [2] + torch.randint(3, 290, (n,), generator=g).tolist() + [108]
+         + torch.randint(3, 290, (4,), generator=g).tolist()
          for n in (3, 6)]
     L = max(map(len, r))
     ids = torch.tensor([[0] * (L - len(x)) + x for x in r])

@@ -21,7 +21,8 @@ def test_training_reduces_loss(bundled):
     _, processor = bundled
     tok = processor.tokenizer
     model = small_shapes_model(processor)
-    hist = train(model, processor, ShapesDataset(10**9, seed=5, weights={}), eval_data=held_out_set(2), steps=24, batch_size=8, lr=1e-2,
+    data = ShapesDataset(10**9, seed=5, weights={})
+    hist = train(model, processor, data, eval_data=held_out_set(2), steps=24, batch_size=8, lr=1e-2,
                  warmup=4, eval_every=12, log_every=4, seed=0, progress=False)
     assert hist[0]["loss"] == pytest.approx(math.log(len(tok)), rel=0.15)
     assert hist[-1]["loss"] < 0.75 * hist[0]["loss"], [h["loss"] for h in hist]

@@ -91,8 +91,9 @@ def test_transformers_524_agrees_with_ours(case):
         theirs = hf.generate(input_ids=ids, pixel_values=pix, attention_mask=am, token_type_ids=tt, do_sample=False,
                              max_new_tokens=meta["max_new_tokens"], eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
         real = am.bool()
-        torch.testing.assert_close(model(ids, pix, am, tt).logits[real], hf(input_ids=ids, pixel_values=pix, attention_mask=am,
-                                   token_type_ids=tt, position_ids=(am.cumsum(-1) - 1).clamp(min=0) + 1).logits[real], atol=1e-4, rtol=0)
+        hf_logits = hf(input_ids=ids, pixel_values=pix, attention_mask=am, token_type_ids=tt,
+                       position_ids=(am.cumsum(-1) - 1).clamp(min=0) + 1).logits
+        torch.testing.assert_close(model(ids, pix, am, tt).logits[real], hf_logits[real], atol=1e-4, rtol=0)
     assert torch.equal(theirs, generate(model, exp, meta))
 
 
@@ -106,7 +107,8 @@ def test_ours_saved_reloads_in_transformers(case, tmp_path):
         torch.testing.assert_close(hf(input_ids=ids, pixel_values=pix, attention_mask=am, token_type_ids=tt).logits[:, -4:],
                                    model(ids, pix, am, tt).logits[:, -4:], atol=1e-5, rtol=0)
     hp = HFProcessor.from_pretrained(tmp_path)
-    assert hp(images=images(exp), text=meta["prompts"], return_tensors="pt", padding="longest")["input_ids"].tolist() == ids.tolist()
+    hf_ids = hp(images=images(exp), text=meta["prompts"], return_tensors="pt", padding="longest")["input_ids"]
+    assert hf_ids.tolist() == ids.tolist()
 
 
 def test_recorded_reload_in_457():

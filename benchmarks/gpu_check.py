@@ -10,7 +10,12 @@ tokens), both libraries (HF with sdpa attention), plus the device's memory-bandw
 Writes a markdown table to stdout and to --out.
 """
 from __future__ import annotations
-import argparse, json, statistics, sys, tempfile, time
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,7 +49,6 @@ def timeit(fn, dev, reps=3, warmup=1):
 def build_weights(cfg: dict, folder: Path, dev):
     "Random model (norm weights perturbed), saved in bfloat16 with our save_pretrained."
     from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints  # noqa: F401
     torch.manual_seed(0)
     with torch.device(dev):
         m = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")}))
@@ -58,7 +62,6 @@ def build_weights(cfg: dict, folder: Path, dev):
 
 def load_both(folder, dtype, dev, hf_attn):
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401
     import transformers
     transformers.logging.set_verbosity_error()
     from transformers import PaliGemmaForConditionalGeneration as HF

@@ -8,7 +8,17 @@ measurement has a warm-up and the median of several repetitions is reported. Wei
 written with our `save_pretrained` to a temporary folder, loaded by every process (ours and transformers).
 """
 from __future__ import annotations
-import argparse, json, os, platform, resource, statistics, subprocess, sys, tempfile, time
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -132,7 +142,6 @@ def make_inputs(cfg: dict, batch: int, dtype, seed=0):
 def load(impl: str, folder: str, dtype):
     if impl == "ours":
         from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-        import paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401  (attach from_pretrained / generate)
         return PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device="cpu").eval()
     import transformers
     transformers.logging.set_verbosity_error()
@@ -251,10 +260,9 @@ def worker_curve(a):
 def load_stats(impl, folder, dtype):
     "Checkpoint load time and the peak-RSS increase it causes (call first thing in a fresh process)."
     if impl == "ours":
-        import paligemma_edu.paligemma, paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401
+        importlib.import_module("paligemma_edu.checkpoints")  # before the clock starts: load time excludes imports
     else:
-        import transformers  # noqa: F401
-        from transformers import PaliGemmaForConditionalGeneration  # noqa: F401
+        importlib.import_module("transformers.models.paligemma")
     import gc; gc.collect()
     reset = reset_peak_rss()  # else fall back to ru_maxrss, which the imports may already have pushed higher
     base_peak, base_rss = (current_rss_mb("VmHWM") if reset else peak_rss_mb()), current_rss_mb()
@@ -370,7 +378,8 @@ def fmt(x, p=3):
 
 
 def machine() -> dict:
-    import torch, transformers
+    import torch
+    import transformers
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
     return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch=torch.__version__, transformers=transformers.__version__,
@@ -496,7 +505,6 @@ def main(argv=None):
 
     import torch
     from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints  # noqa: F401
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     if a.report_only:
         info = json.loads((out / "results.json").read_text())
@@ -506,7 +514,7 @@ def main(argv=None):
         print(write_report(out, info).read_text())
         return
     sizes = [s for s in a.sizes.split(",") if s] + (["full"] if a.full and "full" not in a.sizes else [])
-    others = subprocess.run(["pgrep", "-af", "paligemma_edu.train"], capture_output=True, text=True).stdout.strip()
+    others = subprocess.run(["pgrep", "-af", "paligemma-edu train"], capture_output=True, text=True).stdout.strip()
     info = dict(mode="quick" if q else "full run", threads=a.threads, rounds=a.rounds, reps=a.reps, new_tokens=a.new_tokens,
                 machine=machine(), sizes={}, plots=[],
                 load_note=("training process running concurrently: " + others[:80]) if others else "no training process running")
@@ -550,7 +558,7 @@ def main(argv=None):
                          raw=runs, decode_roofline_tok_s={B: B * bw / decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe)
                                                           for B in (1, 8)})
             if not size.startswith("full"):
-                print(f"  curve ...", flush=True)
+                print("  curve ...", flush=True)
                 cv = spawn("curve", a, model=folder, dtype=dtype, reps=1 if q else 2, max_len=a.max_len,
                            max_len_nocache=a.max_len_nocache)
                 c = cv["cached"]

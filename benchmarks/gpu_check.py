@@ -213,7 +213,8 @@ def main(argv=None):
     ap.add_argument("--fast-modes", default=None, help="our compile= modes (default: cuda-graph,reduce-overhead on CUDA, "
                     "static on CPU)")
     ap.add_argument("--fast-new-tokens", type=int, default=None)
-    ap.add_argument("--budget-s", type=float, default=450.0, help="start no fast-decoding section after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="start no fast-decoding measurement after this many "
+                    "seconds (the longest one, a compile, takes ~1-2 min: the whole check stays under 8 min)")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
     if dev.type == "cpu": torch.set_num_threads(min(2, torch.get_num_threads()))

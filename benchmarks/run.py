@@ -293,7 +293,24 @@ def worker_ceilings(a):
     return out
 
 
-WORKERS = dict(speed=worker_speed, curve=worker_curve, ceilings=worker_ceilings)
+def worker_ab(a):
+    "Decode tok/s (batch 1) of several implementations in ONE process, alternating run by run: a noise-robust ratio."
+    torch = _torch(a.threads)
+    dtype = _dtype(a.dtype)
+    cfg = json.loads((Path(a.model) / "config.json").read_text())
+    impls = [i for i in a.impls.split(",") if i]
+    models = {i: load(i, a.model, dtype) for i in impls}
+    inp = make_inputs(cfg, 1, dtype)
+    for i in impls: timed_generate(i, models[i], inp, a.new_tokens)  # warm-up (compiles the compiled path)
+    rates = {i: [] for i in impls}
+    for r in range(a.reps):
+        for i in (impls if r % 2 == 0 else impls[::-1]):
+            t_first, total, _ = timed_generate(i, models[i], inp, a.new_tokens)
+            rates[i].append((a.new_tokens - 1) / (total - t_first))
+    return dict(rates=rates, median={i: statistics.median(v) for i, v in rates.items()})
+
+
+WORKERS = dict(speed=worker_speed, curve=worker_curve, ceilings=worker_ceilings, ab=worker_ab)
 
 
 def spawn(kind, args, **kw) -> dict:
@@ -501,6 +518,8 @@ def main(argv=None):
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--max-len-nocache", type=int, default=None)
     ap.add_argument("--report-only", action="store_true", help="rewrite results.md and the plots from results.json in --out")
+    ap.add_argument("--ab", metavar="SIZE", help="only an in-process A/B of decode batch 1 at SIZE (all --impls in one "
+                    "process, alternating, --reps runs each): writes ab_SIZE_tTHREADS.json in --out")
     ap.add_argument("--worker", choices=list(WORKERS))
     ap.add_argument("--impl", default="ours")
     ap.add_argument("--model")
@@ -527,6 +546,22 @@ def main(argv=None):
         plot_ratios({s: e["results"] for s, e in info["sizes"].items()}, out / "speedups.png")
         print(write_report(out, info).read_text())
         return
+    if a.ab:
+        make, dtype = SIZES[a.ab]
+        cfg = make()
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")}))
+            model.to(_dtype(dtype)).save_pretrained(Path(tmp))
+            del model
+            res = spawn("ab", a, model=tmp, dtype=dtype, reps=a.reps, new_tokens=a.new_tokens, impls=a.impls)
+        m = res["median"]
+        best_hf = max(v for i, v in m.items() if i.startswith("hf"))
+        res |= dict(size=a.ab, threads=a.threads, new_tokens=a.new_tokens, reps=a.reps, machine=machine(), loadavg=os.getloadavg(),
+                    ratio_vs_faster_hf={i: v / best_hf for i, v in m.items() if i.startswith("ours")})
+        (out / f"ab_{a.ab}_t{a.threads}.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: res[k] for k in ("median", "ratio_vs_faster_hf", "loadavg")}, indent=1))
+        return
     sizes = [s for s in a.sizes.split(",") if s] + (["full"] if a.full and "full" not in a.sizes else [])
     others = subprocess.run(["pgrep", "-af", "paligemma_edu.train"], capture_output=True, text=True).stdout.strip()
     info = dict(mode="quick" if q else "full run", threads=a.threads, rounds=a.rounds, reps=a.reps, new_tokens=a.new_tokens,
@@ -544,8 +579,12 @@ def main(argv=None):
             cnt = counts(cfg)
             folder = Path(tmp) / size
             torch.manual_seed(0)
-            with torch.device("cpu"):
-                model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")}))
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(_dtype(dtype))  # built in the benchmark dtype: no float32 copy of a 3B model in memory
+            try:
+                with torch.device("cpu"):
+                    model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")}))
+            finally: torch.set_default_dtype(default)
             model.to(_dtype(dtype)).save_pretrained(folder)
             del model
             reps = a.reps * 2 if size == "tiny" and not q else a.reps  # tiny runs are cheap and noisy: more repetitions

@@ -294,19 +294,19 @@ def worker_ceilings(a):
 
 
 def worker_ab(a):
-    "Decode tok/s (batch 1) of several implementations in ONE process, alternating run by run: a noise-robust ratio."
+    "Decode tok/s (batch --batch) of several implementations in ONE process, alternating run by run: a robust ratio."
     torch = _torch(a.threads)
     dtype = _dtype(a.dtype)
     cfg = json.loads((Path(a.model) / "config.json").read_text())
     impls = [i for i in a.impls.split(",") if i]
     models = {i: load(i, a.model, dtype) for i in impls}
-    inp = make_inputs(cfg, 1, dtype)
+    inp = make_inputs(cfg, a.batch, dtype)
     for i in impls: timed_generate(i, models[i], inp, a.new_tokens)  # warm-up (compiles the compiled path)
     rates = {i: [] for i in impls}
     for r in range(a.reps):
         for i in (impls if r % 2 == 0 else impls[::-1]):
             t_first, total, _ = timed_generate(i, models[i], inp, a.new_tokens)
-            rates[i].append((a.new_tokens - 1) / (total - t_first))
+            rates[i].append((a.new_tokens - 1) * a.batch / (total - t_first))
     return dict(rates=rates, median={i: statistics.median(v) for i, v in rates.items()})
 
 
@@ -518,8 +518,9 @@ def main(argv=None):
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--max-len-nocache", type=int, default=None)
     ap.add_argument("--report-only", action="store_true", help="rewrite results.md and the plots from results.json in --out")
-    ap.add_argument("--ab", metavar="SIZE", help="only an in-process A/B of decode batch 1 at SIZE (all --impls in one "
-                    "process, alternating, --reps runs each): writes ab_SIZE_tTHREADS.json in --out")
+    ap.add_argument("--ab", metavar="SIZE", help="only an in-process A/B of decode at SIZE (all --impls in one process, "
+                    "alternating, --reps runs each, batch --batch): writes ab_SIZE_tTHREADS[_bBATCH].json in --out")
+    ap.add_argument("--batch", type=int, default=1, help="batch size of --ab")
     ap.add_argument("--worker", choices=list(WORKERS))
     ap.add_argument("--impl", default="ours")
     ap.add_argument("--model")
@@ -554,12 +555,12 @@ def main(argv=None):
             model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")}))
             model.to(_dtype(dtype)).save_pretrained(Path(tmp))
             del model
-            res = spawn("ab", a, model=tmp, dtype=dtype, reps=a.reps, new_tokens=a.new_tokens, impls=a.impls)
+            res = spawn("ab", a, model=tmp, dtype=dtype, reps=a.reps, new_tokens=a.new_tokens, impls=a.impls, batch=a.batch)
         m = res["median"]
         best_hf = max(v for i, v in m.items() if i.startswith("hf"))
-        res |= dict(size=a.ab, threads=a.threads, new_tokens=a.new_tokens, reps=a.reps, machine=machine(), loadavg=os.getloadavg(),
+        res |= dict(size=a.ab, threads=a.threads, batch=a.batch, new_tokens=a.new_tokens, reps=a.reps, machine=machine(), loadavg=os.getloadavg(),
                     ratio_vs_faster_hf={i: v / best_hf for i, v in m.items() if i.startswith("ours")})
-        (out / f"ab_{a.ab}_t{a.threads}.json").write_text(json.dumps(res, indent=1))
+        (out / f"ab_{a.ab}_t{a.threads}{'' if a.batch == 1 else f'_b{a.batch}'}.json").write_text(json.dumps(res, indent=1))
         print(json.dumps({k: res[k] for k in ("median", "ratio_vs_faster_hf", "loadavg")}, indent=1))
         return
     sizes = [s for s in a.sizes.split(",") if s] + (["full"] if a.full and "full" not in a.sizes else [])

@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import PaliGemmaForConditionalGeneration as HFPaliGemma
 
-from paligemma_edu.fast_decoding import (CUDAGraphStep, StaticDecodeStep, StaticDecoder, get_decoder, length_bucket,
-                                         resolve_mode)
+from paligemma_edu.cli import build_parser
+from paligemma_edu.fast_decoding import (FAST_MODES, CUDAGraphStep, StaticDecodeStep, StaticDecoder, get_decoder,
+                                         length_bucket, resolve_mode)
 from paligemma_edu.gemma import GemmaConfig, GemmaForCausalLM
 from paligemma_edu.generate import generate
 from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
@@ -163,6 +164,8 @@ def test_modes_and_limits():
     with pytest.raises(ValueError, match="this decoder holds batch 3 x 32 positions"):
         StaticDecoder(ours, 3, 32).generate(ours, ids, pix, am, tt, 20)
     assert (length_bucket(30, 1024), length_bucket(65, 1024), length_bucket(900, 600)) == (64, 128, 900)
+    gen = build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert tuple(next(a for a in gen._actions if a.dest == "compile").choices) == FAST_MODES  # the CLI offers every mode
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -4,6 +4,8 @@
 
 # %% ../nbs/11_generate.ipynb #678f7288
 from __future__ import annotations
+import math
+import numbers
 import re
 import sys
 from typing import Callable
@@ -14,8 +16,8 @@ import torch
 from .paligemma import PaliGemmaForConditionalGeneration
 
 # %% auto #0
-__all__ = ['LOC_BINS', 'next_token', 'generate', 'TextStreamer', 'answer', 'image_hw', 'loc_tokens', 'parse_detections',
-           'draw_boxes']
+__all__ = ['LOC_BINS', 'next_token', 'check_generate_inputs', 'generate', 'TextStreamer', 'answer', 'image_hw', 'loc_tokens',
+           'parse_detections', 'draw_boxes']
 
 # %% ../nbs/11_generate.ipynb #11e4aa19
 def next_token(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -33,18 +35,54 @@ def next_token(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None,
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
+# %% ../nbs/11_generate.ipynb #5d549a2a
+def _is_real(x) -> bool: return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+def check_generate_inputs(input_ids, pixel_values=None, attention_mask=None, max_new_tokens=20, do_sample=False,
+                          temperature=1.0, top_k=None, top_p=None):
+    "Raise one clear error for an input or option `generate` cannot honour; runs before any work."
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be a (batch, tokens) tensor; got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
+    if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if do_sample and not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
+    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+        if bad.numel(): raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token); found {bad.unique()[:5].tolist()}")
+        m = attention_mask.long()
+        empty = (m.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty: raise ValueError(f"attention_mask row(s) {empty} are all zeros: those prompts have no tokens to continue")
+        right = (m[:, 1:] < m[:, :-1]).any(-1).nonzero().flatten().tolist()
+        if right:
+            raise ValueError(f"attention_mask row(s) {right} have padding after a token (right padding); generate continues "
+                             f"each row from its last column, so pad on the left (the processor's default, padding_side='left')")
+    if pixel_values is not None:
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a floating-point tensor normalised by the processor (PaliGemmaProcessor); "
+                            f"got {getattr(pixel_values, 'dtype', type(pixel_values).__name__)}: pass images through the processor")
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contain NaN or infinite values; check the images and the processor's mean/std")
+
 # %% ../nbs/11_generate.ipynb #3fbae22b
 @torch.inference_mode()
 def generate(model, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, max_new_tokens: int = 20,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None, generator=None,
-             streamer: Callable | None = None):
+             streamer: Callable | None = None, compile: bool | str = False):
     "Continue input_ids (B, T) by up to max_new_tokens tokens with a KV cache; returns (B, T + new)."
     is_vlm = isinstance(model, PaliGemmaForConditionalGeneration)
     tcfg = model.language_model.cfg if is_vlm else model.cfg
-    if input_ids.ndim != 2: raise ValueError(f"input_ids must be (batch, tokens); got shape {tuple(input_ids.shape)}")
+    check_generate_inputs(input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     B, T = input_ids.shape
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     last_pos = T + max_new_tokens + (1 if is_vlm else 0)
     if last_pos > tcfg.max_position_embeddings:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's "
@@ -52,10 +90,13 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, token_typ
     eos = tcfg.eos_token_ids if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = tcfg.pad_token_id if pad_token_id is None else pad_token_id
     if do_sample and generator is None and seed is not None: generator = torch.Generator(input_ids.device).manual_seed(seed)
+    if compile:  # the fixed-shape step (19_fast_decoding): same tokens, a compiled or captured step
+        from paligemma_edu.fast_decoding import fast_generate
+        return fast_generate(model, input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens, mode=compile,
+                             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad=pad,
+                             generator=generator, streamer=streamer)
     dev = input_ids.device
     if attention_mask is None: attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
     mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=dev)
     mask[:, :T] = attention_mask
     out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=dev)

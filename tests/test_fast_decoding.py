@@ -108,8 +108,9 @@ def test_seeded_sampling_gives_the_same_samples(pair):
 
 def test_text_only_gemma_and_streamer():
     torch.manual_seed(3)
-    lm = GemmaForCausalLM(GemmaConfig(vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)).eval()
+    cfg = GemmaConfig(vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    lm = GemmaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in lm.parameters(): p.normal_(0, 0.5)
     g = torch.Generator().manual_seed(0)

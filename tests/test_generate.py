@@ -13,7 +13,8 @@ def tiny():
     cfg = PaliGemmaConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                              image_size=28, patch_size=7),
                           text_config=dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
-                                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=128),
+                                           num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                           max_position_embeddings=128),
                           image_token_index=299, vocab_size=300, projection_dim=48, hidden_size=48)
     model = PaliGemmaForConditionalGeneration(cfg).eval()
     ids = torch.tensor([[0, 0] + [299] * 16 + [2, 17, 45, 108], [299] * 16 + [2, 33, 12, 9, 71, 108]])

@@ -167,7 +167,7 @@ def fast_speed(cfg, folder, dev, n_new, reps, batches, ours_modes, deadline, hf_
             row[name] = dict(first_call_s=first, decode_tok_s=statistics.median(rates),
                              tokens_equal_ours_eager=(out[:, T:] == ref[:, T:]).float().mean().item())
         res[B] = row
-    del ours, hf
+    ours = hf = None  # free both models (the closures above hold them) before emptying the cache
     if dev.type == "cuda": torch.cuda.empty_cache()
     return res
 
@@ -227,7 +227,7 @@ def main(argv=None):
     n_new = a.new_tokens or (8 if a.tiny else 32)
     out = Path(a.out) if a.out else HERE / "results" / f"gpu_check_{'tiny' if a.tiny else 'full'}_{dev.type}.md"
     t_start = time.perf_counter()
-    rows, info = [], dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__)
+    info = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__)
     import transformers
     info["transformers"] = transformers.__version__
     cnt = counts(cfg)
@@ -255,7 +255,8 @@ def main(argv=None):
         fast, roofline, deadline = {}, {}, t_start + a.budget_s
         for shape in shapes:
             if time.perf_counter() > deadline:
-                fast[shape] = {1: {"skipped": "time budget (--budget-s) reached before this shape"}}; roofline[shape] = {}; continue
+                fast[shape] = {1: {"skipped": "time budget (--budget-s) reached before this shape"}}
+                roofline[shape] = {}; continue
             scfg = dict(tiny=tiny_config, full=full_config, full2=full2_config)[shape]()
             folder = Path(tmp)
             if shape != ("tiny" if a.tiny else "full"):  # another shape: its own random weights
@@ -278,10 +279,12 @@ def main(argv=None):
         roof = bw[name] / decode_bytes_per_step(cfg, cnt, 1, T + n_new // 2, 4 if name == "float32" else 2)
         lines.append(f"| {name} | {p['rel_err_all']:.2e} | {p['rel_err_last']:.2e} | {p['argmax_last_equal']} | "
                      f"{p['tokens_equal']:.0%} (first diff: {p['first_token_diff']}) | {s['ours']['prefill_ms']:.1f} / "
-                     f"{s['hf']['prefill_ms']:.1f} | {s['ours']['decode_tok_s']:.1f} / {s['hf']['decode_tok_s']:.1f} | {roof:.0f} |")
+                     f"{s['hf']['prefill_ms']:.1f} | {s['ours']['decode_tok_s']:.1f} / {s['hf']['decode_tok_s']:.1f} | "
+                     f"{roof:.0f} |")
     f32 = par["float32"]
     ok = f32["rel_err_all"] <= FP32_TOL and f32["tokens_equal"] == 1.0
-    lines += ["", f"Bandwidth (matrix @ vector): float32 {bw['float32'] / 1e9:.0f} GB/s, bfloat16 {bw['bfloat16'] / 1e9:.0f} GB/s.",
+    lines += ["", f"Bandwidth (matrix @ vector): float32 {bw['float32'] / 1e9:.0f} GB/s, "
+                  f"bfloat16 {bw['bfloat16'] / 1e9:.0f} GB/s.",
               f"float32 parity: {'MATCH' if ok else 'MISMATCH'} (relative error <= {FP32_TOL:g} and identical greedy tokens).",
               f"Total time {time.perf_counter() - t_start:.0f} s."]
     if fast:

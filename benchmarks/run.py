@@ -215,7 +215,7 @@ def med_time(fn, reps, warmup=1):
 # ----------------------------------------------------------------------------------------------------- workers
 def worker_speed(a):
     "Prefill latency, TTFT and decode tokens/s at batch 1 and 8 for one implementation."
-    torch = _torch(a.threads)
+    _torch(a.threads)  # sets the thread count
     dtype = _dtype(a.dtype)
     cfg = json.loads((Path(a.model) / "config.json").read_text())
     res = load_stats(a.impl, a.model, dtype)  # a fresh process: the checkpoint load is measured first
@@ -303,7 +303,7 @@ def worker_ceilings(a):
 
 def worker_ab(a):
     "Decode tok/s (batch --batch) of several implementations in ONE process, alternating run by run: a robust ratio."
-    torch = _torch(a.threads)
+    _torch(a.threads)  # sets the thread count
     dtype = _dtype(a.dtype)
     cfg = json.loads((Path(a.model) / "config.json").read_text())
     impls = [i for i in a.impls.split(",") if i]
@@ -386,7 +386,8 @@ def plot_ratios(rows: dict, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [("decode_b1_tok_s", "decode b1"), ("decode_b8_tok_s", "decode b8"), ("prefill_s", "prefill"), ("ttft_b1_s", "TTFT")]
+    metrics = [("decode_b1_tok_s", "decode b1"), ("decode_b8_tok_s", "decode b8"), ("prefill_s", "prefill"),
+               ("ttft_b1_s", "TTFT")]
     fig, ax = plt.subplots(figsize=(5.5, 3), dpi=80)
     w = 0.8 / (2 * len(rows))
     for i, (size, r) in enumerate(rows.items()):
@@ -421,12 +422,15 @@ def write_report(out: Path, info: dict) -> Path:
          f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs visible), torch threads = {info['threads']}",
          f"- torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['date']}",
          f"- Load on the machine during the run: {info.get('load_note', 'n/a')}",
-         f"- Each figure: median over {info['rounds']} alternating rounds x {info['reps']} repetitions{tiny_reps}, after a warm-up; "
-         f"every implementation in its own process; decode forced to exactly {info['new_tokens']} new tokens.", "",
+         f"- Each figure: median over {info['rounds']} alternating rounds x {info['reps']} repetitions{tiny_reps}, "
+         f"after a warm-up; every implementation in its own process; "
+         f"decode forced to exactly {info['new_tokens']} new tokens.", "",
          "## Ceilings", "",
          "| | float32 | bfloat16 |", "|---|---|---|",
-         f"| memory bandwidth (GB/s, {ceil['gemv_n']}x{ceil['gemv_n']} matrix @ vector) | {fmt(ceil['bw_float32_GBps'])} | {fmt(ceil['bw_bfloat16_GBps'])} |",
-         f"| matmul (GFLOP/s, {ceil['gemm_n']}^3 GEMM) | {fmt(ceil['gemm_float32_GFLOPs'])} | {fmt(ceil['gemm_bfloat16_GFLOPs'])} |", ""]
+         f"| memory bandwidth (GB/s, {ceil['gemv_n']}x{ceil['gemv_n']} matrix @ vector) | {fmt(ceil['bw_float32_GBps'])} | "
+         f"{fmt(ceil['bw_bfloat16_GBps'])} |",
+         f"| matmul (GFLOP/s, {ceil['gemm_n']}^3 GEMM) | {fmt(ceil['gemm_float32_GFLOPs'])} | "
+         f"{fmt(ceil['gemm_bfloat16_GFLOPs'])} |", ""]
     for size, s in info["sizes"].items():
         c, cnt = s["config"], s["counts"]
         t, v = c["text_config"], c["vision_config"]
@@ -434,12 +438,14 @@ def write_report(out: Path, info: dict) -> Path:
               f"Config: {c.get('_source', '')}. Vision {v['hidden_size']}x{v['num_hidden_layers']} (patch {v['patch_size']}, "
               f"image {v['image_size']}: {s['n_image_tokens']} image tokens), text {t['hidden_size']}x{t['num_hidden_layers']}, "
               f"{t['num_attention_heads']} heads / {t['num_key_value_heads']} kv head, head_dim {t['head_dim']}, "
-              f"MLP {t['intermediate_size']}, vocab {t['vocab_size']}. Prompt = {s['n_image_tokens']} image + {PROMPT_LEN} text tokens.", "",
+              f"MLP {t['intermediate_size']}, vocab {t['vocab_size']}. "
+              f"Prompt = {s['n_image_tokens']} image + {PROMPT_LEN} text tokens.", "",
               "| metric | " + " | ".join(NAMES[i] for i in IMPLS) + " | ours / HF eager | ours / HF sdpa | "
               "compiled / faster HF | ours vs ceiling |", "|---" * (len(IMPLS) + 5) + "|"]
         r = s["results"]
         hfs = [h for h in ("hf_eager", "hf_sdpa") if h in r]
-        for key, name, unit in (("prefill_s", "prefill latency, batch 1", "ms"), ("ttft_b1_s", "time to first token, batch 1", "ms"),
+        for key, name, unit in (("prefill_s", "prefill latency, batch 1", "ms"),
+                                ("ttft_b1_s", "time to first token, batch 1", "ms"),
                                 ("ttft_b8_s", "time to first token, batch 8", "ms"),
                                 ("decode_b1_tok_s", "decode, batch 1", "tok/s"), ("decode_b8_tok_s", "decode, batch 8", "tok/s"),
                                 ("first_call_b1_s", "first call, batch 1 (compile included)", "s"),
@@ -462,8 +468,9 @@ def write_report(out: Path, info: dict) -> Path:
             L.append(f"| {name} | " + " | ".join(fmt(vals[i]) if i in vals else "n/a" for i in IMPLS) +
                      f" | {rt[0]} | {rt[1]} |  | weights {ld['ours']['params_mb']:.0f} MiB |")
         if s.get("decode_roofline_share"):
+            share = json.loads(json.dumps(s["decode_roofline_share"]))  # batch keys as strings, as read back from results.json
             L += ["", "Decode as a share of the bandwidth roofline (batch 1 / batch 8): " + ", ".join(
-                f"{NAMES[i]} {v['1']:.0%} / {v['8']:.0%}" for i, v in json.loads(json.dumps(s["decode_roofline_share"])).items()) + "."]
+                f"{NAMES[i]} {v['1']:.0%} / {v['8']:.0%}" for i, v in share.items()) + "."]
         cv = s.get("curve")
         if cv:
             cached = cv["cached"]
@@ -502,13 +509,15 @@ def targets_table(info) -> list:
             for key, goal in (("decode_b1_tok_s", 2.0), ("decode_b8_tok_s", 1.5)):
                 best = max(r[h][key] for h in ("hf_eager", "hf_sdpa") if h in r)
                 x = r[impl][key] / best
-                L.append(f"| {size} | decode batch {key[8]} >= {goal}x HF ({NAMES[impl]}) | {x:.2f}x | {'yes' if x >= goal else 'no'} |")
+                L.append(f"| {size} | decode batch {key[8]} >= {goal}x HF ({NAMES[impl]}) | {x:.2f}x | "
+                         f"{'yes' if x >= goal else 'no'} |")
         best = min(r[h]["prefill_s"] for h in ("hf_eager", "hf_sdpa") if h in r)
         x = best / r["ours"]["prefill_s"]
         L.append(f"| {size} | prefill no slower (speed-up >= 1x) | {x:.2f}x | {'yes' if x >= 1 else 'no'} |")
         if s.get("curve"):
             g = s["curve"]["growth"]
-            L.append(f"| {size} | cached decode cost growth, token 16 -> last <= 1.5x | {g:.2f}x | {'yes' if g <= 1.5 else 'no'} |")
+            L.append(f"| {size} | cached decode cost growth, token 16 -> last <= 1.5x | {g:.2f}x | "
+                     f"{'yes' if g <= 1.5 else 'no'} |")
     return L
 
 
@@ -560,13 +569,15 @@ def main(argv=None):
         cfg = make()
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
-            model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")}))
+            conf = PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")})
+            model = PaliGemmaForConditionalGeneration(conf)
             model.to(_dtype(dtype)).save_pretrained(Path(tmp))
             del model
             res = spawn("ab", a, model=tmp, dtype=dtype, reps=a.reps, new_tokens=a.new_tokens, impls=a.impls, batch=a.batch)
         m = res["median"]
         best_hf = max(v for i, v in m.items() if i.startswith("hf"))
-        res |= dict(size=a.ab, threads=a.threads, batch=a.batch, new_tokens=a.new_tokens, reps=a.reps, machine=machine(), loadavg=os.getloadavg(),
+        res |= dict(size=a.ab, threads=a.threads, batch=a.batch, new_tokens=a.new_tokens, reps=a.reps, machine=machine(),
+                    loadavg=os.getloadavg(),
                     ratio_vs_faster_hf={i: v / best_hf for i, v in m.items() if i.startswith("ours")})
         (out / f"ab_{a.ab}_t{a.threads}{'' if a.batch == 1 else f'_b{a.batch}'}.json").write_text(json.dumps(res, indent=1))
         print(json.dumps({k: res[k] for k in ("median", "ratio_vs_faster_hf", "loadavg")}, indent=1))
@@ -592,7 +603,8 @@ def main(argv=None):
             torch.set_default_dtype(_dtype(dtype))  # built in the benchmark dtype: no float32 copy of a 3B model in memory
             try:
                 with torch.device("cpu"):
-                    model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")}))
+                    conf = PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")})
+                    model = PaliGemmaForConditionalGeneration(conf)
             finally: torch.set_default_dtype(default)
             model.to(_dtype(dtype)).save_pretrained(folder)
             del model
@@ -602,7 +614,8 @@ def main(argv=None):
             impls = [i for i in a.impls.split(",") if i and (i != "hf_sdpa" or cfg["text_config"]["model_type"] == "gemma")]
             bad = sorted(set(impls) - set(IMPLS))  # HF Gemma 2: eager only
             if bad or "ours" not in impls or not {"hf_eager", "hf_sdpa"} & set(impls):
-                raise SystemExit(f"--impls must include ours and one of hf_eager / hf_sdpa, and name only {IMPLS}; found {a.impls!r}")
+                raise SystemExit(f"--impls must include ours and one of hf_eager / hf_sdpa, and name only {IMPLS}; "
+                                 f"found {a.impls!r}")
             runs = {i: [] for i in impls}
             for r in range(a.rounds):
                 for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate the order round by round
@@ -614,17 +627,16 @@ def main(argv=None):
             T = n_img + PROMPT_LEN
             bpe = 2 if dtype == "bfloat16" else 4
             bw = info["ceilings"][f"bw_{dtype}_GBps"] * 1e9
+            step = {B: decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe) for B in (1, 8)}  # bytes read per step
             roof = {}
             for B in (1, 8):
-                step = decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe)
-                roof[f"decode_b{B}_tok_s"] = res["ours"][f"decode_b{B}_tok_s"] / (B * bw / step)
-            roof["prefill_s"] = prefill_flops(cfg, cnt, T) / res["ours"]["prefill_s"] / (info["ceilings"][f"gemm_{dtype}_GFLOPs"] * 1e9)
-            roof_by_impl = {i: {B: res[i][f"decode_b{B}_tok_s"] / (B * bw / decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe))
-                                for B in (1, 8)} for i in impls}
+                roof[f"decode_b{B}_tok_s"] = res["ours"][f"decode_b{B}_tok_s"] / (B * bw / step[B])
+            gemm = info["ceilings"][f"gemm_{dtype}_GFLOPs"] * 1e9
+            roof["prefill_s"] = prefill_flops(cfg, cnt, T) / res["ours"]["prefill_s"] / gemm
+            roof_by_impl = {i: {B: res[i][f"decode_b{B}_tok_s"] / (B * bw / step[B]) for B in (1, 8)} for i in impls}
             entry = dict(config=cfg, counts=cnt, dtype=dtype, n_image_tokens=n_img, results=res, load=load, roofline=roof,
                          decode_roofline_share=roof_by_impl,
-                         raw=runs, decode_roofline_tok_s={B: B * bw / decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe)
-                                                          for B in (1, 8)})
+                         raw=runs, decode_roofline_tok_s={B: B * bw / step[B] for B in (1, 8)})
             if not size.startswith("full"):
                 print("  curve ...", flush=True)
                 cv = spawn("curve", a, model=folder, dtype=dtype, reps=1 if q else 2, max_len=a.max_len,

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from paligemma_edu.cli import main
 from paligemma_edu.shapes import make_scene
@@ -43,6 +44,19 @@ def test_generate_several_images_and_sampling(checkpoint, capsys):
                  "--prompt", "answer en how many shapes are there?", "--sample", "--seed", "1", "--top-p", "0.9"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all("->" in l for l in lines)
+
+
+def test_generate_compile_flag_gives_the_same_answers(checkpoint, capsys):
+    img = str(checkpoint / "scene.png")
+    args = ["generate", "--model", str(checkpoint / "model"), "--image", img, "--image", img,
+            "--prompt", "caption en", "--prompt", "detect triangle", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--compile", "static"]) == 0
+    assert capsys.readouterr().out == plain and "->" in plain
+    if not torch.cuda.is_available():
+        assert main(args + ["--compile", "cuda-graph"]) == 2
+        assert "needs the model on a CUDA device" in capsys.readouterr().err
 
 
 def test_demo_writes_picture(tmp_path):

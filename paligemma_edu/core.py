@@ -176,7 +176,10 @@ class StagedFolder:
         for name in remove:
             p = self.folder / name
             if name not in self.staged and (p.is_file() or p.is_symlink()): p.unlink()
-        for name, tmp in self.staged.items(): os.replace(tmp, self.folder / name)
+        umask = os.umask(0o022); os.umask(umask)
+        for name, tmp in self.staged.items():
+            os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plain new file (safetensors writes owner-only files)
+            os.replace(tmp, self.folder / name)
         self.staged = {}
 
     def abort(self):

@@ -351,10 +351,8 @@ CODEC_CONFIG, CODEC_WEIGHTS = "mask_codec.json", "mask_codec.safetensors"
 def save_codec(codec: MaskCodec, folder, dtype=torch.bfloat16) -> Path:
     "Write `mask_codec.json` and `mask_codec.safetensors` (weights in `dtype`) to `folder`, renamed into place together."
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in codec.state_dict().items()}
-    umask = os.umask(0o022); os.umask(umask)
     with StagedFolder(folder) as staged:
         save_file(sd, str(staged.path(CODEC_WEIGHTS)), metadata={"format": "pt"})
-        os.chmod(staged.path(CODEC_WEIGHTS), 0o666 & ~umask)  # safetensors creates its files readable by the owner only
         staged.write_text(CODEC_CONFIG, json.dumps({"model_type": "paligemma_edu_mask_codec", **asdict(codec.cfg)}, indent=2))
         staged.commit()
     return Path(folder)

@@ -249,3 +249,10 @@ def test_bad_processor_files_name_the_file(source, tmp_path, name, content, expe
     with pytest.raises(ValueError) as e: PaliGemmaProcessor.from_pretrained(d)
     msg = one_line(e)
     assert expect in msg and name in msg
+
+
+def test_saved_files_have_plain_file_permissions(model, tmp_path):
+    "Every file a save writes gets the permissions of a plain new file (safetensors alone writes owner-only files)."
+    umask = os.umask(0o022); os.umask(umask)
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {p.name: 0o666 & ~umask for p in folder.iterdir()}

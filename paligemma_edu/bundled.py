@@ -21,14 +21,16 @@ from .paligemma import PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor
 from .generate import answer
 from .attention_maps import attention_report
-from .shapes import COLORS, SHAPES, TASKS, ShapesDataset, make_scene, scene_masks, show_example
+from .shapes import COLORS, SHAPES, TASKS, ShapesDataset, make_scene, scene_masks, show_example, task_kind
+from .segmentation import CODEC_CONFIG, CODEC_RECIPE, draw_masks, load_codec, train_mask_codec
 from .train import (EVAL_SEED, TRAIN_SEED, count_params, evaluate_model, fit, held_out_set, init_weights,
                                  make_shapes_processor, make_tiny_config, quick_accuracy, train)
 
 # %% auto #0
 __all__ = ['VISION_SEED', 'BUNDLED_RECIPE', 'PixelLabelHead', 'pixel_label_batch', 'pixel_accuracy', 'pretrain_vision',
-           'show_pixel_labels', 'check_recipe', 'parse_recipe', 'train_bundled_model', 'bundled_model_path',
-           'load_bundled_model', 'evaluate_checkpoint', 'results_table', 'model_card', 'show_answers']
+           'show_pixel_labels', 'check_recipe', 'full_recipe', 'parse_recipe', 'train_bundled_model',
+           'bundled_model_path', 'load_bundled_model', 'evaluate_checkpoint', 'results_table', 'model_card',
+           'show_answers']
 
 # %% ../nbs/17_bundled_model.ipynb #0be2fc41
 class PixelLabelHead(torch.nn.Module):
@@ -121,10 +123,23 @@ BUNDLED_RECIPE = dict(image_size=64, patch_size=16, vocab_size=400, vision_width
                       text_width=192, text_layers=4, text_heads=4, kv_heads=1, head_dim=48, mlp_ratio=4,
                       steps=5000, batch_size=32, lr=1e-3, warmup=200, loss_per="example", weight_decay=0.05, clip=1.0,
                       autocast=True, vision_lr_mult=0.1, projector_lr_mult=1.0,
-                      task_weights={"caption": 1.5, "detect": 2.0, "color": 1.5, "count": 0.5, "shape": 1.5},
-                      vision_pretrain_steps=1000, vision_pretrain_batch_size=64, vision_pretrain_lr=1e-3)
+                      task_weights={"caption": 1.5, "detect": 2.0, "color": 1.5, "count": 0.5, "shape": 1.5, "segment": 1.5},
+                      vision_pretrain_steps=1000, vision_pretrain_batch_size=64, vision_pretrain_lr=1e-3,
+                      codec=dict(CODEC_RECIPE))
 
 _MAY_BE_ZERO = {"warmup", "vision_pretrain_steps", "weight_decay", "vision_lr_mult", "projector_lr_mult"}
+_CODEC_MAY_BE_ZERO = {"warmup", "beta", "restart"}
+
+def _codec_recipe_error(value) -> str | None:
+    "What is wrong with the `codec` entry of a recipe (overrides of `CODEC_RECIPE`), or None."
+    if not isinstance(value, dict) or set(value) - set(CODEC_RECIPE): return f"a dict with keys among {sorted(CODEC_RECIPE)}"
+    for k, v in value.items():
+        want = CODEC_RECIPE[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(want, int) and not isinstance(v, int)):
+            return f"{k} as {'an integer' if isinstance(want, int) else 'a number'} (like {want!r})"
+        if not math.isfinite(v) or v < 0 or (v == 0 and k not in _CODEC_MAY_BE_ZERO):
+            return f"{k} finite and {'>= 0' if k in _CODEC_MAY_BE_ZERO else '> 0'}"
+    return None
 
 def _recipe_error(key: str, value) -> str | None:
     "What is wrong with `value` for recipe `key` (None if nothing): the type and range of BUNDLED_RECIPE's value."
@@ -134,6 +149,7 @@ def _recipe_error(key: str, value) -> str | None:
         ok = all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in value.values())
         return None if ok and sum(value.values()) > 0 else "non-negative finite weights, not all zero"
     if key == "loss_per": return None if value in ("token", "example") else "'token' or 'example'"
+    if key == "codec": return _codec_recipe_error(value)
     if isinstance(want, bool): return None if isinstance(value, bool) else "true or false"
     if isinstance(value, bool) or not isinstance(value, (int, float)): return f"a number (like {want!r})"
     if isinstance(want, int) and not isinstance(value, int): return f"an integer (like {want!r})"
@@ -148,6 +164,11 @@ def check_recipe(recipe: dict) -> dict:
     wrong = [f"{k}={v!r} (expected {e})" for k, v in recipe.items() if (e := _recipe_error(k, v))]
     if wrong: raise ValueError("bad recipe values: " + "; ".join(wrong))
     return recipe
+
+def full_recipe(overrides: dict | None = None) -> dict:
+    "`BUNDLED_RECIPE` with checked overrides; `codec` overrides only the codec settings they name."
+    overrides = check_recipe(dict(overrides or {}))
+    return BUNDLED_RECIPE | overrides | {"codec": BUNDLED_RECIPE["codec"] | overrides.get("codec", {})}
 
 def parse_recipe(text: str | None) -> dict:
     "Overrides of `BUNDLED_RECIPE` from a JSON object string (None or '' -> no overrides), checked."
@@ -175,10 +196,10 @@ def _replace_folder(tmp: Path, target: Path, overwrite: bool):
 def train_bundled_model(out_dir, steps: int | None = None, seed: int = 0, recipe: dict | None = None,
                         eval_every: int = 400, progress: bool = True, on_log=None, device=None, overwrite: bool = False,
                         eval_per_task: int = 500):
-    """Train the shapes model from scratch on `device` (default CPU): vision pretraining on pixel labels, then the
-    answers; write weights (bf16), tokenizer, `history.json` and (unless `eval_per_task=0`) the evaluation to out_dir,
-    atomically."""
-    r = BUNDLED_RECIPE | check_recipe(dict(recipe or {}) | ({"steps": steps} if steps is not None else {}))
+    """Train the shapes model from scratch on `device` (default CPU): the mask codec, vision pretraining on pixel
+    labels, then the answers; write weights (bf16), tokenizer, the codec, `history.json` and (unless `eval_per_task=0`)
+    the evaluation to out_dir, atomically."""
+    r = full_recipe(dict(recipe or {}) | ({"steps": steps} if steps is not None else {}))
     device, out_dir = pick_device(device), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir(): raise NotADirectoryError(f"{out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -196,33 +217,40 @@ def train_bundled_model(out_dir, steps: int | None = None, seed: int = 0, recipe
     return model, PaliGemmaProcessor.from_pretrained(out_dir), info["history"]
 
 def _train_into(folder: Path, r: dict, seed: int, eval_every: int, progress: bool, on_log, device) -> tuple:
-    "Both stages of the recipe `r`, saved to `folder`; returns (model, processor, training info)."
+    "The three stages of the recipe `r`, saved to `folder`; returns (model, processor, training info)."
     seed_everything(seed)
+    load_before, t0 = os.getloadavg()[0], time.perf_counter()  # the 1-minute load average: timings on a shared machine
+    stage = lambda name: None if on_log is None else lambda rec: on_log({"stage": name} | rec)
+    codec, _ = train_mask_codec(folder, r["codec"], seed=seed, threads=1, progress=progress, on_log=stage("codec"))
+    codec_minutes = (time.perf_counter() - t0) / 60
     processor = make_shapes_processor(folder, r["image_size"], r["patch_size"], r["vocab_size"], seed=seed)
     tok = processor.tokenizer
     arch = {k: r[k] for k in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "text_width",
                               "text_layers", "text_heads", "kv_heads", "head_dim", "mlp_ratio")}
     model = init_weights(PaliGemmaForConditionalGeneration(make_tiny_config(len(tok), tok.image_token_id, **arch)), seed=seed)
     model.to(device)
-    t0 = time.perf_counter()
-    vision_hist = []
+    t1, vision_hist = time.perf_counter(), []
     if r["vision_pretrain_steps"]:
         _, vision_hist = pretrain_vision(model, processor.image_processor, r["vision_pretrain_steps"],
                                          r["vision_pretrain_batch_size"], r["vision_pretrain_lr"], seed=seed,
                                          autocast=r["autocast"], progress=progress,
-                                         on_log=None if on_log is None else lambda rec: on_log({"stage": "vision"} | rec))
-    vision_minutes = (time.perf_counter() - t0) / 60
-    data = ShapesDataset(10**9, seed=TRAIN_SEED + seed * 10**9 // 8, image_size=r["image_size"], weights=r["task_weights"])
-    hist = train(model, processor, data, eval_data=held_out_set(16, EVAL_SEED + 10**7, r["image_size"]), steps=r["steps"],
-                 batch_size=r["batch_size"], lr=r["lr"], warmup=r["warmup"], weight_decay=r["weight_decay"], clip=r["clip"],
-                 eval_every=eval_every, seed=seed, log_every=10, on_log=on_log, progress=progress,
-                 eval_fn=quick_accuracy(processor, 20), autocast=r["autocast"], loss_per=r["loss_per"],
-                 vision_lr_mult=r["vision_lr_mult"], projector_lr_mult=r["projector_lr_mult"])
+                                         on_log=stage("vision"))
+    vision_minutes = (time.perf_counter() - t1) / 60
+    data = ShapesDataset(10**9, seed=TRAIN_SEED + seed * 10**9 // 8, image_size=r["image_size"], weights=r["task_weights"],
+                         codec=codec)
+    hist = train(model, processor, data, eval_data=held_out_set(16, EVAL_SEED + 10**7, r["image_size"], codec=codec),
+                 steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], warmup=r["warmup"],
+                 weight_decay=r["weight_decay"], clip=r["clip"], eval_every=eval_every, seed=seed, log_every=10,
+                 on_log=on_log, progress=progress, eval_fn=quick_accuracy(processor, 20, codec=codec),
+                 autocast=r["autocast"], loss_per=r["loss_per"], vision_lr_mult=r["vision_lr_mult"],
+                 projector_lr_mult=r["projector_lr_mult"])
     minutes = (time.perf_counter() - t0) / 60
     model.to("cpu", torch.bfloat16).save_pretrained(folder, processor=processor)
     model.float()
     return model, processor, dict(recipe=r, seed=seed, params=count_params(model), train_minutes=round(minutes, 2),
-                                  vision_pretrain_minutes=round(vision_minutes, 2), torch_threads=torch.get_num_threads(),
+                                  codec_minutes=round(codec_minutes, 2), vision_pretrain_minutes=round(vision_minutes, 2),
+                                  torch_threads=torch.get_num_threads(),
+                                  load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
                                   history=hist, vision_history=vision_hist)
 
 # %% ../nbs/17_bundled_model.ipynb #019f5676
@@ -246,13 +274,15 @@ def _shown_path(folder: Path) -> str:
 
 def evaluate_checkpoint(folder, n_per_task: int = 500, seed: int = EVAL_SEED, write: bool = True,
                         command_folder=None) -> dict:
-    "Per-task metrics of `folder` on held-out scenes; with `write`, saved as eval.json beside the attention.json report."
+    """Per-task metrics of `folder` on held-out scenes (`segment` too when the folder holds its mask codec); with
+    `write`, saved as eval.json beside the attention.json report."""
     if n_per_task < 1: raise ValueError(f"n_per_task must be >= 1 held-out scene per task; found {n_per_task}")
     folder = Path(folder)
     model = PaliGemmaForConditionalGeneration.from_pretrained(folder)
     processor = PaliGemmaProcessor.from_pretrained(folder)
+    codec = load_codec(folder) if (folder / CODEC_CONFIG).exists() else None
     t0 = time.perf_counter()
-    metrics = evaluate_model(model, processor, n_per_task, seed)
+    metrics = evaluate_model(model, processor, n_per_task, seed, codec=codec)
     out = dict(metrics=metrics, n_per_task=n_per_task, eval_seed=seed, decoding="greedy, float32",
                seconds=round(time.perf_counter() - t0, 1),
                command=f"paligemma-edu evaluate --model {_shown_path(Path(command_folder or folder))} --n {n_per_task}")
@@ -266,7 +296,15 @@ _RESULT_ROWS = [("color", "`answer en what color is the triangle?`", "exact matc
                 ("count", "`answer en how many shapes are there?`", "exact match", "exact"),
                 ("shape", "`answer en what shapes are red?`", "exact match", "exact"),
                 ("caption", "`caption en`", "exact match", "exact"),
-                ("detect", "`detect triangle`", "boxes with IoU >= 0.5 / mean IoU / absent shapes answered \"nothing\"", None)]
+                ("detect", "`detect triangle`", "boxes with IoU >= 0.5 / mean IoU / absent shapes answered \"nothing\"", None),
+                ("segment", "`segment triangle`", "mask IoU / boxes with IoU >= 0.5 / absent shapes answered \"nothing\" / "
+                 "unreadable answers", None)]
+
+def _result(task: str, m: dict, key) -> str:
+    "The result cell of one task's metrics."
+    if key: return f"{m[key]:.1%}"
+    if task == "segment": return f"{m['mask_iou']:.2f} / {m['hit@0.5']:.1%} / {m['absent_acc']:.1%} / {m['invalid']:.1%}"
+    return f"{m['hit@0.5']:.1%} / {m['mean_iou']:.2f} / {m['absent_acc']:.1%}"
 
 def results_table(folder=None) -> str:
     "A markdown table of a checkpoint's `eval.json` (the bundled model's by default), one row per task."
@@ -275,8 +313,7 @@ def results_table(folder=None) -> str:
     for task, prompt, metric, key in _RESULT_ROWS:
         if task not in ev["metrics"]: continue
         m = ev["metrics"][task]
-        value = (f"{m[key]:.1%}" if key else f"{m['hit@0.5']:.1%} / {m['mean_iou']:.2f} / {m['absent_acc']:.1%}")
-        rows.append(f"| {task} | {prompt} | {metric} | {value} |")
+        rows.append(f"| {task} | {prompt} | {metric} | {_result(task, m, key)} |")
     return "\n".join(rows) + f"\n\n({ev['n_per_task']} held-out scenes per task, {ev['decoding']}: `{ev['command']}`)"
 
 # %% ../nbs/17_bundled_model.ipynb #3f033cf2
@@ -284,7 +321,8 @@ def model_card(folder=None) -> str:
     "Markdown describing a shapes checkpoint (the bundled one by default), every number read from its files."
     from paligemma_edu.attention_maps import attention_summary
     folder = Path(folder) if folder else bundled_model_path()
-    cfg, info = (json.loads((folder / name).read_text()) for name in ("config.json", "history.json"))
+    cfg, info, codec = (json.loads((folder / name).read_text())
+                        for name in ("config.json", "history.json", "mask_codec_history.json"))
     v, t, r = cfg["vision_config"], cfg["text_config"], info["recipe"]
     mb = (folder / "model.safetensors").stat().st_size / 1e6
     heads = "multi-query" if t["num_key_value_heads"] == 1 else f"{t['num_key_value_heads']} key/value heads"
@@ -292,21 +330,28 @@ def model_card(folder=None) -> str:
             f"{v['hidden_size']} wide x {v['num_hidden_layers']} layers on {v['image_size']}-pixel images in "
             f"{v['patch_size']}-pixel patches, a linear projector, Gemma {t['hidden_size']} wide x "
             f"{t['num_hidden_layers']} layers with {heads} attention, the real PaliGemma token layout with `<loc>`, "
-            f"`<seg>` and `<image>`) trained from scratch by `paligemma-edu train --out DIR` in two stages, "
-            f"{info['train_minutes']:.1f} minutes on {info['torch_threads']} CPU threads: the vision tower alone first "
-            f"learns to label every pixel with its shape and colour ({r['vision_pretrain_steps']} steps, as the real "
-            f"PaliGemma starts from a pretrained SigLIP), then the whole model learns the answers ({r['steps']} steps) on "
-            f"the synthetic scenes of `13_shapes`. `transformers` loads the same folder and generates the same greedy "
-            f"tokens (a test).\n\n" + results_table(folder))
+            f"`<seg>` and `<image>`) trained from scratch by `paligemma-edu train --out DIR` in three stages, "
+            f"{info['train_minutes']:.1f} minutes on {info['torch_threads']} CPU threads in all: first the mask codec "
+            f"that writes and reads the 16 `<seg>` codes of a segment answer (the VQ-VAE of `15_segmentation`, "
+            f"{codec['params'] / 1e3:.0f}k parameters, {codec['train_seconds']:.0f} s on {codec['torch_threads']} "
+            f"thread, mask IoU {codec['eval']['saved@64px']['mean_iou']:.3f} on held-out object masks; saved in the same "
+            f"folder), then the vision tower alone learns to label every pixel with its shape and colour "
+            f"({r['vision_pretrain_steps']} steps, as the real PaliGemma starts from a pretrained SigLIP), then the whole "
+            f"model learns the answers ({r['steps']} steps) on the synthetic scenes of `13_shapes`. `transformers` loads "
+            f"the same folder and generates the same greedy tokens (a test).\n\n" + results_table(folder))
     if (folder / "attention.json").exists():
         card += "\n\n" + attention_summary(json.loads((folder / "attention.json").read_text()))
     return card
 
 # %% ../nbs/17_bundled_model.ipynb #51290087
-def show_answers(model, processor, examples: list, axs=None):
-    "Draw each (image, prompt) with the model's greedy answer (detections as boxes); returns the axes."
+def show_answers(model, processor, examples: list, axs=None, codec=None):
+    "Draw each (image, prompt) with the model's greedy answer (detections as boxes, segment answers as masks with `codec`)."
     import matplotlib.pyplot as plt
     if axs is None: axs = plt.subplots(1, len(examples), figsize=(2.3 * len(examples), 2.7), dpi=75, squeeze=False)[1][0]
     with evaluating(model): preds = answer(model, processor, [e[0] for e in examples], [e[1] for e in examples])
-    for ax, (img, prompt), pred in zip(axs, examples, preds): show_example(img, prompt, pred, ax=ax)
+    for ax, (img, prompt), pred in zip(axs, examples, preds):
+        if codec is None or task_kind(prompt) != "segment": show_example(img, prompt, pred, ax=ax); continue
+        found = codec.decode_segmentation(pred, img.size[::-1])
+        draw_masks(img, [m for _, m, _ in found], [label for _, _, label in found], ax=ax)
+        ax.set_title(f"{prompt}\n-> {'mask drawn' if found else 'nothing'}", fontsize=7)
     return axs

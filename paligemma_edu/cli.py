@@ -13,16 +13,32 @@ from pathlib import Path
 __all__ = ['FIGURE_TYPES', 'DEMO_TASKS', 'cmd_generate', 'cmd_demo', 'cmd_train', 'cmd_evaluate', 'build_parser', 'main']
 
 # %% ../nbs/22_cli.ipynb #9fedaa5f
-def _load(model_dir, device=None, dtype=None):
-    "Model and processor from a checkpoint folder (the bundled one when None)."
+def _model_folder(model_dir) -> Path:
+    "The checkpoint folder of --model (the bundled model's when None)."
     if model_dir is not None and not str(model_dir).strip():
         raise ValueError("--model is empty; give a checkpoint folder, or leave --model out for the bundled model")
+    from paligemma_edu.bundled import bundled_model_path
+    return Path(model_dir) if model_dir is not None else bundled_model_path()
+
+def _load(model_dir, device=None, dtype=None):
+    "Model and processor from a checkpoint folder (the bundled one when None)."
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
     from paligemma_edu.processor import PaliGemmaProcessor
-    from paligemma_edu.bundled import bundled_model_path
-    folder = Path(model_dir) if model_dir is not None else bundled_model_path()
+    folder = _model_folder(model_dir)
     model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
     return model, PaliGemmaProcessor.from_pretrained(folder)
+
+def _load_codec(model_dir, codec_path=None):
+    "The mask codec of --codec (a folder with mask_codec.json, or big_vision's .npz), else the one beside the model."
+    from paligemma_edu.segmentation import CODEC_CONFIG, load_big_vision_codec, load_codec
+    if codec_path is not None:
+        path = Path(codec_path)
+        return load_big_vision_codec(path) if path.suffix.lower() == ".npz" else load_codec(path)
+    folder = _model_folder(model_dir)
+    if not (folder / CODEC_CONFIG).exists():
+        raise FileNotFoundError(f"--masks needs a mask codec, and there is none beside the model in {str(folder)!r} (no "
+                                f"{CODEC_CONFIG}); give one with --codec FOLDER, or --codec vae-oid.npz for real PaliGemma")
+    return load_codec(folder)
 
 FIGURE_TYPES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
@@ -49,10 +65,13 @@ def cmd_generate(args):
     from paligemma_edu.images import load_image
     from paligemma_edu.generate import answer, TextStreamer, parse_detections, draw_boxes
     boxes = _figure_path(args.boxes, "--boxes") if args.boxes is not None else None
+    masks = _figure_path(args.masks, "--masks") if args.masks is not None else None
     images = [load_image(p) for p in args.image]
-    prompts = args.prompt if len(args.prompt) == len(images) else (args.prompt * len(images) if len(args.prompt) == 1 else None)
+    n_p, n_i = len(args.prompt), len(images)
+    prompts = args.prompt if n_p == n_i else (args.prompt * n_i if n_p == 1 else None)
     if prompts is None:
-        raise ValueError(f"give one --prompt for all images or one per image; got {len(args.prompt)} prompts for {len(images)} images")
+        raise ValueError(f"give one --prompt for all images or one per image; got {n_p} prompts for {n_i} images")
+    codec = _load_codec(args.model, args.codec) if masks is not None else None
     model, proc = _load(args.model, args.device, args.dtype)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                top_p=args.top_p, top_k=args.top_k, seed=args.seed, compile=args.compile or False)
@@ -70,11 +89,30 @@ def cmd_generate(args):
         for ax, im, t in zip(axs[0], images, texts): draw_boxes(im, parse_detections(t, im.size[::-1]), ax=ax, color="magenta")
         _save_figure(fig, boxes, dpi=100); plt.close(fig)
         print(f"boxes drawn to {boxes}")
+    if masks is not None: _draw_mask_answers(images, texts, codec, masks)
     return texts
 
+def _draw_mask_answers(images, texts, codec, out: Path):
+    "Decode each answer's masks with `codec` and draw them over its image into `out`; say which answers were unreadable."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from paligemma_edu.segmentation import draw_masks
+    fig, axs = plt.subplots(1, len(images), figsize=(3 * len(images), 3.2), squeeze=False)
+    unreadable = []
+    for k, (ax, im, t) in enumerate(zip(axs[0], images, texts)):
+        try: found, title = codec.decode_segmentation(t, im.size[::-1]), None
+        except ValueError as e:
+            found, title = [], "not a segment answer"
+            unreadable.append(f"answer {k + 1}: {e}")
+        draw_masks(im, [m for _, m, _ in found], [label for _, _, label in found], ax=ax)
+        ax.set_title(title or f"{len(found)} mask{'s' * (len(found) != 1)}", fontsize=8)
+    _save_figure(fig, out, dpi=100); plt.close(fig)
+    print(f"masks drawn to {out}" + (f" ({len(unreadable)} answer(s) could not be read as masks: "
+                                     f"{'; '.join(unreadable)})" if unreadable else ""))
+
 # %% ../nbs/22_cli.ipynb #7fb746f2
-DEMO_TASKS = ["caption en", "detect {shape}", "answer en what color is the {shape}?", "answer en how many shapes are there?",
-              "answer en what shapes are {color}?"]
+DEMO_TASKS = ["caption en", "detect {shape}", "segment {shape}", "answer en what color is the {shape}?",
+              "answer en how many shapes are there?", "answer en what shapes are {color}?"]
 
 def cmd_demo(args):
     out = _figure_path(args.out, "--out")
@@ -83,21 +121,26 @@ def cmd_demo(args):
     from paligemma_edu.shapes import make_scene
     from paligemma_edu.generate import answer, parse_detections, draw_boxes
     from paligemma_edu.attention_maps import answer_attention_overlay
+    from paligemma_edu.segmentation import draw_masks
+    codec = _load_codec(args.model)
     model, proc = _load(args.model, args.device)
     size = proc.image_processor.size["height"]
     image, scene = make_scene(args.seed, image_size=size)
     shape, color = scene.objects[0].shape, scene.objects[0].color
     prompts = [t.format(shape=shape, color=color) for t in DEMO_TASKS]
-    answers = answer(model, proc, [image] * len(prompts), prompts, max_new_tokens=24)
+    answers = answer(model, proc, [image] * len(prompts), prompts, max_new_tokens=32)
     truth = ", ".join(f"{o.color} {o.shape}" for o in scene.objects)
     print(f"scene (seed {args.seed}): {truth}")
     for p, a in zip(prompts, answers): print(f"  {p!r:45} -> {a!r}")
-    fig, axs = plt.subplots(1, 3, figsize=(9, 3.3))
+    fig, axs = plt.subplots(1, 4, figsize=(12, 3.3))
     axs[0].imshow(image); axs[0].set_title(f"scene\n{truth}", fontsize=8); axs[0].set_axis_off()
     draw_boxes(image, parse_detections(answers[1], image.size[::-1]), ax=axs[1], color="magenta")
     axs[1].set_title(f"{prompts[1]}\n-> {'boxes drawn' if answers[1] else 'nothing found'}", fontsize=8)
-    ans, _ = answer_attention_overlay(model, proc, image, prompts[2], ax=axs[2])
-    axs[2].set_title(f"{prompts[2]}\n-> {ans} (attention of the answer)", fontsize=8)
+    found = codec.decode_segmentation(answers[2], image.size[::-1])
+    draw_masks(image, [m for _, m, _ in found], [label for _, _, label in found], ax=axs[2])
+    axs[2].set_title(f"{prompts[2]}\n-> {'masks drawn' if found else 'nothing found'}", fontsize=8)
+    ans, _ = answer_attention_overlay(model, proc, image, prompts[3], ax=axs[3])
+    axs[3].set_title(f"{prompts[3]}\n-> {ans} (attention of the answer)", fontsize=8)
     fig.tight_layout(); _save_figure(fig, out, dpi=90); plt.close(fig)
     print(f"picture written to {out}")
     return answers
@@ -111,7 +154,7 @@ def cmd_train(args):
     from paligemma_edu.bundled import parse_recipe, train_bundled_model
     recipe = parse_recipe(args.recipe)  # before any work: a bad recipe is a one-line error
     if args.threads: torch.set_num_threads(args.threads)
-    log = lambda rec: tqdm.write(json.dumps(rec)) if "eval_loss" in rec or "shape_acc" in rec else None
+    log = lambda rec: tqdm.write(json.dumps(rec)) if {"eval_loss", "shape_acc", "mean_iou"} & set(rec) else None
     train_bundled_model(args.out, steps=args.steps, seed=args.seed, recipe=recipe, device=args.device, on_log=log,
                         overwrite=args.overwrite)
     print(f"model written to {args.out}")
@@ -161,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer, faster for long ones; the first call compiles (tens of seconds on a CPU). MODE: static, "
                         "inductor, cuda-graph or reduce-overhead")
     g.add_argument("--boxes", metavar="OUT.png", help="draw detected boxes into this picture (.png, .jpg, .pdf, .svg)")
+    g.add_argument("--masks", metavar="OUT.png", help="draw the masks of segment answers into this picture (.png, .jpg, "
+                   ".pdf, .svg), decoded by the mask codec beside the model or --codec")
+    g.add_argument("--codec", metavar="PATH", help="mask codec for --masks: a folder with mask_codec.json, or big_vision's "
+                   "vae-oid.npz (default: the one beside the model)")
     g.set_defaults(func=cmd_generate)
     d = sub.add_parser("demo", parents=[common], help="run every task of the bundled model on a drawn scene")
     d.add_argument("--model", help="checkpoint folder (default: bundled)")

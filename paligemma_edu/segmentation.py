@@ -4,7 +4,6 @@
 
 # %% ../nbs/15_segmentation.ipynb #28fd6300
 from __future__ import annotations
-import importlib.resources
 import json
 import os
 import re
@@ -26,18 +25,18 @@ from .checkpoints import check_state_dict, read_safetensors
 from .core import StagedFolder, evaluating, pick_device, pick_dtype, read_json
 from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections
 from .processor import SEG_TOKENS
-from .shapes import SHAPES, Scene, sample_scene, scene_masks
+from .shapes import Scene, mask_iou, object_masks, sample_scene
 from .train import EVAL_SEED, fit
 
 # %% auto #0
 __all__ = ['SEG_CODES', 'CODEBOOK_SIZE', 'GRID', 'MASK_SIZE', 'BIG_VISION_TRAINING_STATE', 'CODEC_SEED', 'CODEC_EVAL_SEED',
            'CODEC_RECIPE', 'CODEC_CONFIG', 'CODEC_WEIGHTS', 'Segment', 'seg_tokens', 'segmentation_text',
            'parse_segmentation', 'MaskCodecConfig', 'ResBlock', 'MaskDecoder', 'MaskEncoder', 'VectorQuantizer',
-           'MaskCodec', 'big_vision_names', 'big_vision_config', 'load_big_vision_codec', 'object_masks',
-           'crop_to_codec', 'codec_masks', 'codec_loss', 'codec_step_loss', 'mask_iou', 'codebook_usage',
-           'evaluate_codec', 'train_codec', 'save_codec', 'load_codec', 'torch_threads', 'train_mask_codec',
-           'paste_mask', 'decode_segmentation', 'segment_answer', 'pasted_iou', 'draw_masks', 'show_reconstructions',
-           'plot_codebook_usage', 'mask_codec_path', 'load_mask_codec']
+           'MaskCodec', 'big_vision_names', 'big_vision_config', 'load_big_vision_codec', 'crop_to_codec',
+           'codec_masks', 'codec_loss', 'codec_step_loss', 'codebook_usage', 'evaluate_codec', 'train_codec',
+           'save_codec', 'load_codec', 'torch_threads', 'train_mask_codec', 'paste_mask', 'decode_segmentation',
+           'segment_answer', 'pasted_iou', 'draw_masks', 'show_reconstructions', 'plot_codebook_usage',
+           'load_mask_codec']
 
 # %% ../nbs/15_segmentation.ipynb #97639210
 SEG_CODES = 16                   # <seg> tokens per object: codebook indices on a 4x4 grid, row by row
@@ -212,11 +211,12 @@ class MaskCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, masks):
-        "Codes (B, 16) of masks (B, 1, 64, 64) in [0, 1]."
+        "Codes (B, 16) of masks (B, 1, 64, 64) in [0, 1], in the codec's dtype whatever autocast the caller runs under."
         if masks.ndim != 4 or tuple(masks.shape[1:]) != (1, MASK_SIZE, MASK_SIZE):
             raise ValueError(f"expected masks of shape (batch, 1, {MASK_SIZE}, {MASK_SIZE}), found {tuple(masks.shape)}")
         p = self.quantizer.codebook
-        return self.quantizer.nearest(self.encoder(masks.to(p.device, p.dtype)))
+        with torch.autocast(p.device.type, enabled=False):  # training targets are written inside a bf16 autocast region
+            return self.quantizer.nearest(self.encoder(masks.to(p.device, p.dtype)))
 
     @torch.no_grad()
     def decode(self, codes):
@@ -227,7 +227,15 @@ class MaskCodec(nn.Module):
         n = self.cfg.codebook_size
         if codes.numel() and not (0 <= int(codes.min()) and int(codes.max()) < n):
             raise ValueError(f"codes must be in 0..{n - 1}, found values from {int(codes.min())} to {int(codes.max())}")
-        return self.decoder(self.quantizer.lookup(codes))
+        with torch.autocast(codes.device.type, enabled=False): return self.decoder(self.quantizer.lookup(codes))
+
+    def segment_answer(self, scene: Scene, shape: str) -> str:
+        "The `segment <shape>` answer for `scene`: `segment_answer(scene, shape, self)` (below)."
+        return segment_answer(scene, shape, self)
+
+    def decode_segmentation(self, text: str, image_size) -> list:
+        "[(pixel box, bool mask (H, W), label)] of a segmentation answer: `decode_segmentation(text, self, image_size)`."
+        return decode_segmentation(text, self, image_size)
 
 # %% ../nbs/15_segmentation.ipynb #ffe1c62e
 BIG_VISION_TRAINING_STATE = ("_vq_vae._ema_w", "_vq_vae._ema_cluster_size")  # EMA codebook statistics, unused here
@@ -271,11 +279,6 @@ def load_big_vision_codec(path, dtype=None, device=None) -> MaskCodec:
     return codec.to(pick_device(device), pick_dtype(dtype)).eval()
 
 # %% ../nbs/15_segmentation.ipynb #26bc3eea
-def object_masks(scene: Scene) -> list:
-    "Each object's pixel mask, bool (S, S), in the order of `scene.objects`."
-    shape_map, _ = scene_masks(scene)
-    return [shape_map == 1 + SHAPES.index(o.shape) for o in scene.objects]  # a shape appears at most once per scene
-
 def crop_to_codec(mask, box) -> torch.Tensor:
     "The part of a full-image mask (H, W) inside a pixel box, resized to (1, 64, 64) in [0, 1] (bilinear, as big_vision)."
     y0, x0, y1, x1 = (int(round(v)) for v in box)
@@ -308,12 +311,6 @@ def codec_step_loss(codec: MaskCodec, masks, batch_size: int = 64, beta: float =
     return loss_fn
 
 # %% ../nbs/15_segmentation.ipynb #97c077d3
-def mask_iou(pred, target) -> torch.Tensor:
-    "IoU of boolean masks (..., H, W) over the last two axes (1 where both are empty)."
-    pred, target = torch.as_tensor(pred).bool(), torch.as_tensor(target).bool()
-    inter, union = (pred & target).sum((-2, -1)).float(), (pred | target).sum((-2, -1)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
 def codebook_usage(codes, codebook_size: int = CODEBOOK_SIZE) -> np.ndarray:
     "How often each code occurs in `codes` (any shape)."
     return torch.bincount(torch.as_tensor(codes).flatten().cpu(), minlength=codebook_size).numpy()
@@ -496,14 +493,7 @@ def plot_codebook_usage(counts, ax=None):
     return ax
 
 # %% ../nbs/15_segmentation.ipynb #474b6ba2
-def mask_codec_path() -> Path:
-    "Folder of the mask codec that ships with the package (`mask_codec.json`, `mask_codec.safetensors`)."
-    p = Path(str(importlib.resources.files("paligemma_edu"))) / "assets" / "mask-codec"
-    if not (p / CODEC_CONFIG).exists():
-        raise FileNotFoundError(f"the bundled mask codec is missing from {p}; rebuild it with "
-                                "train_mask_codec(<that folder>) or reinstall the package")
-    return p
-
 def load_mask_codec(dtype=None, device=None) -> MaskCodec:
-    "The bundled mask codec, float32 on CPU by default."
-    return load_codec(mask_codec_path(), dtype, device)
+    "The mask codec of the bundled model (saved in its folder), float32 on CPU by default."
+    from paligemma_edu.bundled import bundled_model_path  # imported here: `bundled` builds on this module
+    return load_codec(bundled_model_path(), dtype, device)

@@ -4,6 +4,7 @@
 
 # %% ../nbs/13_shapes.ipynb #4d342af3
 from __future__ import annotations
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,9 +15,9 @@ from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections, draw_box
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'ShapeObject', 'Scene', 'sample_scene', 'render_scene',
-           'make_scene', 'scene_masks', 'box_iou', 'caption', 'shapes_of_color', 'detect_answer', 'task_kind',
-           'scene_tasks', 'make_example', 'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score',
-           'evaluate', 'task_texts']
+           'make_scene', 'scene_masks', 'object_masks', 'box_iou', 'mask_iou', 'caption', 'shapes_of_color',
+           'detect_answer', 'task_kind', 'available_tasks', 'check_tasks', 'scene_tasks', 'make_example',
+           'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score', 'evaluate', 'task_texts']
 
 # %% ../nbs/13_shapes.ipynb #024fc4bc
 SHAPES = ("circle", "square", "triangle")
@@ -137,6 +138,11 @@ def scene_masks(scene: Scene) -> tuple:
         _draw_object(dc, o, 1 + list(COLORS).index(o.color))
     return np.asarray(shape_map), np.asarray(color_map)
 
+def object_masks(scene: Scene) -> list:
+    "Each object's pixel mask, bool (S, S), in the order of `scene.objects`."
+    shape_map, _ = scene_masks(scene)
+    return [shape_map == 1 + SHAPES.index(o.shape) for o in scene.objects]  # a shape appears at most once per scene
+
 # %% ../nbs/13_shapes.ipynb #cc429463
 def box_iou(a, b) -> float:
     "Intersection over union of two boxes (y_min, x_min, y_max, x_max); 0 when either is empty."
@@ -147,8 +153,14 @@ def box_iou(a, b) -> float:
     union = area(a) + area(b) - inter
     return float(inter / union) if union > 0 else 0.0
 
+def mask_iou(pred, target) -> torch.Tensor:
+    "IoU of boolean masks (..., H, W) over the last two axes (1 where both are empty)."
+    pred, target = torch.as_tensor(pred).bool(), torch.as_tensor(target).bool()
+    inter, union = (pred & target).sum((-2, -1)).float(), (pred | target).sum((-2, -1)).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
 # %% ../nbs/13_shapes.ipynb #f3eb9ed4
-TASKS = ("caption", "detect", "color", "count", "shape")
+TASKS = ("caption", "detect", "color", "count", "shape", "segment")
 NUMBER_WORDS = ("1", "2", "3")
 
 def _join(parts: list) -> str:
@@ -176,51 +188,64 @@ def task_kind(prompt: str) -> str:
     if prompt.startswith("answer en what color is the "): return "color"
     if prompt == "answer en how many shapes are there?": return "count"
     if prompt.startswith("answer en what shapes are "): return "shape"
+    if prompt.startswith("segment "): return "segment"
     raise ValueError(f"prompt {prompt!r} is not one of the shapes tasks {TASKS}")
 
-def scene_tasks(scene: Scene, rng=None, tasks=TASKS) -> list:
-    "All (prompt, answer) pairs for `scene` among `tasks`; `rng` picks the absent shape asked about."
+def available_tasks(codec=None) -> tuple:
+    "The tasks whose answers can be written: all of `TASKS` with a mask codec, all but `segment` without."
+    return TASKS if codec is not None else tuple(t for t in TASKS if t != "segment")
+
+def check_tasks(tasks, codec=None) -> tuple:
+    "`tasks` (None: every available one) as a tuple of known task names; `segment` only with a codec."
+    tasks = available_tasks(codec) if tasks is None else tuple(tasks)
     bad = set(tasks) - set(TASKS)
     if bad: raise ValueError(f"unknown tasks {sorted(bad)}; expected a subset of {TASKS}")
+    if "segment" in tasks and codec is None:
+        raise ValueError("segment answers hold the 16 codes of a mask codec: pass codec=, e.g. "
+                         "paligemma_edu.segmentation.load_mask_codec() or load_codec(<checkpoint folder>)")
+    return tasks
+
+def scene_tasks(scene: Scene, rng=None, tasks=None, codec=None) -> list:
+    "All (prompt, answer) pairs for `scene` among `tasks` (None: all available); `rng` picks the absent shape asked about."
+    tasks = check_tasks(tasks, codec)
     present = [s for s in SHAPES if scene.find(s) is not None]
     absent = [s for s in SHAPES if s not in present]
     out = []
-    if "caption" in tasks: out.append(("caption en", caption(scene)))
-    if "detect" in tasks:
+    if "detect" in tasks or "segment" in tasks:  # one absent shape, the same for both
         asked = present + ([absent[_as_rng(0 if rng is None else rng).integers(len(absent))]] if absent else [])
-        out += [(f"detect {s}", detect_answer(scene, s)) for s in asked]
+    if "caption" in tasks: out.append(("caption en", caption(scene)))
+    if "detect" in tasks: out += [(f"detect {s}", detect_answer(scene, s)) for s in asked]
     if "color" in tasks: out += [(f"answer en what color is the {s}?", scene.find(s).color) for s in present]
     if "count" in tasks: out.append(("answer en how many shapes are there?", NUMBER_WORDS[len(scene.objects) - 1]))
     if "shape" in tasks:
         colors = [c for c in COLORS if any(o.color == c for o in scene.objects)]
         out += [(f"answer en what shapes are {c}?", shapes_of_color(scene, c)) for c in colors]
+    if "segment" in tasks: out += [(f"segment {s}", codec.segment_answer(scene, s)) for s in asked]
     return out
 
 # %% ../nbs/13_shapes.ipynb #7d2a98e5
 def make_example(seed: int, task: str | None = None, image_size: int = 64, max_objects: int = 3,
-                 noise: float = 0.0, tasks=TASKS):
+                 noise: float = 0.0, tasks=None, codec=None):
     "One example from a seed: (PIL image, prompt, answer, Scene); `task` fixes the kind, else drawn from `tasks`."
     rng = _as_rng(seed)
     img, scene = make_scene(rng, image_size, max_objects, noise)
-    kinds = tasks if task is None else (task,)
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    kinds = check_tasks(tasks if task is None else (task,), codec)
     kind = kinds[rng.integers(len(kinds))]
-    pairs = scene_tasks(scene, rng, (kind,))
+    pairs = scene_tasks(scene, rng, (kind,), codec)
     prompt, answer = pairs[rng.integers(len(pairs))]
     return img, prompt, answer, scene
 
 class ShapesDataset(torch.utils.data.Dataset):
     "n deterministic examples from scene seeds seed + i; the task drawn uniformly from `tasks`, or with `weights`."
-    def __init__(self, n: int, seed: int = 0, image_size: int = 64, tasks=TASKS, max_objects: int = 3,
-                 noise: float = 0.0, weights: dict | None = None):
-        bad = (set(tasks) | set(weights or {})) - set(TASKS)
-        if bad: raise ValueError(f"unknown tasks {sorted(bad)}; expected a subset of {TASKS}")
-        self.n, self.seed, self.image_size, self.tasks = n, seed, image_size, tuple(tasks)
-        self.max_objects, self.noise, self.p = max_objects, noise, None
+    def __init__(self, n: int, seed: int = 0, image_size: int = 64, tasks=None, max_objects: int = 3,
+                 noise: float = 0.0, weights: dict | None = None, codec=None):
+        self.n, self.seed, self.image_size, self.tasks = n, seed, image_size, check_tasks(tasks, codec)
+        self.max_objects, self.noise, self.p, self.codec = max_objects, noise, None, codec
         if weights is not None:  # tasks without a weight get 1
-            w = {t: 1.0 for t in tasks} | weights
-            self.tasks, self.p = tuple(w), np.array(list(w.values()), dtype=float) / sum(w.values())
+            w = {t: 1.0 for t in self.tasks} | weights
+            self.tasks, self.p = check_tasks(w, codec), np.array(list(w.values()), dtype=float) / sum(w.values())
 
     def __len__(self): return self.n
 
@@ -229,7 +254,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         i = i % self.n
         task = None if self.p is None else self.tasks[np.random.default_rng([self.seed, i, 1]).choice(len(self.tasks), p=self.p)]
         img, prompt, answer, scene = make_example(self.seed + i, task, self.image_size, self.max_objects,
-                                                  self.noise, self.tasks)
+                                                  self.noise, self.tasks, self.codec)
         return dict(image=img, prompt=prompt, answer=answer, scene=scene, task=task_kind(prompt))
 
 def collate_examples(batch: list) -> dict:
@@ -237,13 +262,16 @@ def collate_examples(batch: list) -> dict:
     return {k: [b[k] for b in batch] for k in batch[0]}
 
 # %% ../nbs/13_shapes.ipynb #ad1d612c
+_SEG_RE = re.compile(r"<seg\d+>")
+
 def show_example(image, prompt: str, answer: str, ax=None):
-    "Show one example with its prompt and answer as the title; detection answers are drawn as boxes."
+    "Show one example with its prompt and answer as the title; detection and segment answers are drawn as boxes."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(2.5, 2.5), dpi=75)
-    dets = parse_detections(answer, image_hw(image.size[::-1]))
+    codes = _SEG_RE.search(answer) is not None  # a segment answer: its box is drawn, its 16 codes named
+    dets = parse_detections(_SEG_RE.sub("", answer), image_hw(image.size[::-1]))
     draw_boxes(image, dets, ax=ax)
-    shown = " ; ".join(f"[box] {label}" for _, label in dets) if dets else (answer or '""')
+    shown = " ; ".join(f"[box{' + 16 codes' if codes else ''}] {label}" for _, label in dets) if dets else (answer or '""')
     ax.set_title(f"{prompt}\n-> {shown}", fontsize=7)
     return ax
 
@@ -263,23 +291,43 @@ def show_examples(dataset, n: int = 8, ncols: int = 4, start: int = 0):
 # %% ../nbs/13_shapes.ipynb #2317cee0
 def _norm(s: str) -> str: return " ".join(s.split())
 
-def score(task_kind: str, prediction: str, answer: str, scene: Scene | None = None) -> dict:
-    "Score one prediction against its answer; detection also returns the IoU of each true box."
+def _match(truth: list, pred: list) -> list:
+    "For each true (box, label), the best unused prediction (box, label, ...) with its label: (box IoU, index or None)."
+    used, out = set(), []
+    for box, label in truth:
+        cands = [(box_iou(box, p[0]), j) for j, p in enumerate(pred) if p[-1] == label and j not in used]
+        best = max(cands, default=(0.0, None))
+        if best[1] is not None: used.add(best[1])
+        out.append(best)
+    return out
+
+def _score_segment(prediction: str, answer: str, scene: Scene, codec) -> dict:
+    "Box and mask IoU of each true object of a segment answer; an answer the codec cannot read finds nothing."
+    if scene is None or codec is None:
+        raise ValueError("scoring a segment answer needs the scene (for the true masks) and the mask codec (to decode "
+                         "the predicted codes)")
+    truth = [(box, label) for box, _, label in codec.decode_segmentation(answer, scene.image_size)]
+    try: pred, invalid = codec.decode_segmentation(prediction, scene.image_size), False
+    except ValueError: pred, invalid = [], True
+    true_masks = dict(zip((o.shape for o in scene.objects), object_masks(scene)))
+    matched = _match(truth, pred)
+    mask_ious = [float(mask_iou(pred[j][1], true_masks[label])) if j is not None else 0.0
+                 for (_, label), (_, j) in zip(truth, matched)]
+    return dict(ious=[iou for iou, _ in matched], mask_ious=mask_ious, n_pred=len(pred), absent=not truth,
+                invalid=invalid)
+
+def score(task_kind: str, prediction: str, answer: str, scene: Scene | None = None, codec=None) -> dict:
+    "Score one prediction against its answer; detection and segmentation also return the IoU of each true object."
     if task_kind not in TASKS: raise ValueError(f"unknown task kind {task_kind!r}; expected one of {TASKS}")
     res = {"exact": float(_norm(prediction) == _norm(answer))}
+    if task_kind == "segment": return res | _score_segment(prediction, answer, scene, codec)
     if task_kind != "detect": return res
     size = scene.image_size if scene is not None else LOC_BINS  # IoU is scale-free; the size only sets pixel units
     truth, pred = parse_detections(answer, size), parse_detections(prediction, size)
-    used, ious = set(), []
-    for box, label in truth:
-        cands = [(box_iou(box, pb), j) for j, (pb, pl) in enumerate(pred) if pl == label and j not in used]
-        best = max(cands, default=(0.0, None))
-        if best[1] is not None: used.add(best[1])
-        ious.append(best[0])
-    res.update(ious=ious, n_pred=len(pred), absent=not truth)
+    res.update(ious=[iou for iou, _ in _match(truth, pred)], n_pred=len(pred), absent=not truth)
     return res
 
-def evaluate(predict_fn, dataset, batch_size: int = 32) -> dict:
+def evaluate(predict_fn, dataset, batch_size: int = 32, codec=None) -> dict:
     "Run `predict_fn(images, prompts)` over `dataset`; per-task metrics {task: {metric: value, 'n': count}}."
     per = {k: [] for k in TASKS}
     for s in range(0, len(dataset), batch_size):
@@ -289,17 +337,19 @@ def evaluate(predict_fn, dataset, batch_size: int = 32) -> dict:
             raise ValueError(f"predict_fn returned {len(preds)} predictions for a batch of {len(items)} prompts")
         for it, p in zip(items, preds):
             kind = task_kind(it["prompt"])
-            per[kind].append(score(kind, p, it["answer"], it["scene"]))
+            per[kind].append(score(kind, p, it["answer"], it["scene"], codec))
     out = {}
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")
     for k, rs in per.items():
         if not rs: continue
-        m = {"exact": float(np.mean([r["exact"] for r in rs])), "n": len(rs)}
-        if k == "detect":
+        m = {"exact": mean([r["exact"] for r in rs]), "n": len(rs)}
+        if k in ("detect", "segment"):
             ious = [v for r in rs for v in r["ious"]]
-            absent = [r["n_pred"] == 0 for r in rs if r["absent"]]
-            m["hit@0.5"] = float(np.mean([v >= 0.5 for v in ious])) if ious else float("nan")
-            m["mean_iou"] = float(np.mean(ious)) if ious else float("nan")
-            m["absent_acc"] = float(np.mean(absent)) if absent else float("nan")
+            m["hit@0.5"], m["mean_iou"] = mean([v >= 0.5 for v in ious]), mean(ious)
+            m["absent_acc"] = mean([r["n_pred"] == 0 and not r.get("invalid") for r in rs if r["absent"]])
+        if k == "segment":
+            m["mask_iou"] = mean([v for r in rs for v in r["mask_ious"]])
+            m["invalid"] = mean([r["invalid"] for r in rs])
         out[k] = m
     return out
 
@@ -310,5 +360,7 @@ def task_texts(n: int = 1000, seed: int = 0, image_size: int = 64, max_objects: 
     for i in range(n):
         rng = _as_rng(seed + i)
         scene = sample_scene(rng, image_size, max_objects)
-        for p, a in scene_tasks(scene, rng): out += [p, a]
+        pairs = scene_tasks(scene, rng)
+        pairs += [("segment" + p[len("detect"):], a) for p, a in pairs if task_kind(p) == "detect"]  # codes left out
+        for p, a in pairs: out += [p, a]
     return out

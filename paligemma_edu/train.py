@@ -18,7 +18,7 @@ from .gemma import causal_lm_loss
 from .images import SiglipImageProcessor
 from .processor import PaliGemmaProcessor, PaliGemmaTokenizer, build_paligemma_tokenizer
 from .generate import answer
-from .shapes import TASKS, evaluate, make_example, task_texts
+from .shapes import check_tasks, evaluate, make_example, task_texts
 
 # %% auto #0
 __all__ = ['TRAIN_SEED', 'EVAL_SEED', 'make_shapes_processor', 'make_tiny_config', 'init_weights', 'count_params', 'make_batch',
@@ -204,13 +204,14 @@ def plot_loss(history: list, ax=None, title: str | None = None):
 
 # %% ../nbs/14_train.ipynb #68650d47
 def plot_accuracy(history: list, ax=None):
-    "Held-out accuracy per task (the `acc_*` / `hit_detect` entries an `eval_fn` logged) against steps; returns the axes."
+    "Held-out accuracy per task (the `acc_*`, `hit_detect`, `iou_segment` entries an `eval_fn` logged) against steps."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(4.5, 2.8), dpi=75)
-    keys = sorted({k for h in history for k in h if k.startswith("acc_") or k == "hit_detect"})
+    names = {"hit_detect": "detect IoU>=0.5", "iou_segment": "segment mask IoU"}
+    keys = sorted({k for h in history for k in h if k.startswith("acc_") or k in names})
     for k in keys:
         pts = [(h["step"], h[k]) for h in history if k in h]
-        ax.plot(*zip(*pts), "o-", ms=3, lw=1, label=k.replace("acc_", "").replace("hit_detect", "detect IoU>=0.5"))
+        ax.plot(*zip(*pts), "o-", ms=3, lw=1, label=names.get(k, k.replace("acc_", "")))
     ax.set_ylim(-0.02, 1.02); ax.set_xlabel("step"); ax.set_ylabel("held-out accuracy")
     ax.legend(fontsize=7, ncol=2, loc="lower right"); ax.grid(alpha=0.3)
     return ax
@@ -218,28 +219,29 @@ def plot_accuracy(history: list, ax=None):
 # %% ../nbs/14_train.ipynb #5d39c86a
 TRAIN_SEED, EVAL_SEED = 0, 2_000_000_000  # training scenes use seeds [0, 10^9); held-out ones start at 2e9
 
-def held_out_set(n_per_task: int = 500, seed: int = EVAL_SEED, image_size: int = 64, tasks=TASKS) -> list:
-    "A fixed list of n_per_task examples of each task, scene seeds seed..seed+n_per_task-1."
-    return [dict(zip(("image", "prompt", "answer", "scene"), make_example(seed + i, t, image_size)), task=t)
-            for t in tasks for i in range(n_per_task)]
+def held_out_set(n_per_task: int = 500, seed: int = EVAL_SEED, image_size: int = 64, tasks=None, codec=None) -> list:
+    "A fixed list of n_per_task examples of each task (None: every task `codec` allows), scene seeds seed..seed+n_per_task-1."
+    return [dict(zip(("image", "prompt", "answer", "scene"), make_example(seed + i, t, image_size, codec=codec)), task=t)
+            for t in check_tasks(tasks, codec) for i in range(n_per_task)]
 
 # %% ../nbs/14_train.ipynb #453b4d44
-def predictor(model, processor, max_new_tokens: int = 24):
+def predictor(model, processor, max_new_tokens: int = 32):
     "A `predict_fn(images, prompts)` that answers with greedy generation."
     def predict(images, prompts): return answer(model, processor, images, prompts, max_new_tokens=max_new_tokens)
     return predict
 
 def evaluate_model(model, processor, n_per_task: int = 500, seed: int = EVAL_SEED, batch_size: int = 100,
-                   max_new_tokens: int = 24) -> dict:
-    "Per-task metrics of greedy answers on `held_out_set(n_per_task, seed)`."
-    items = held_out_set(n_per_task, seed, model.cfg.vision_config.image_size)
-    with evaluating(model): return evaluate(predictor(model, processor, max_new_tokens), items, batch_size)
+                   max_new_tokens: int = 32, codec=None) -> dict:
+    "Per-task metrics of greedy answers on `held_out_set(n_per_task, seed)` (`segment` too when given the mask codec)."
+    items = held_out_set(n_per_task, seed, model.cfg.vision_config.image_size, codec=codec)
+    with evaluating(model): return evaluate(predictor(model, processor, max_new_tokens), items, batch_size, codec)
 
-def quick_accuracy(processor, n_per_task: int = 25, seed: int = EVAL_SEED + 10**6):
-    "An `eval_fn` for `train`: exact-match accuracy per task (and detection hit@0.5) on a small held-out set."
+def quick_accuracy(processor, n_per_task: int = 25, seed: int = EVAL_SEED + 10**6, codec=None):
+    "An `eval_fn` for `train`: exact match per task, detection hit@0.5 and segment mask IoU on a small held-out set."
     def fn(model):
-        r = evaluate_model(model, processor, n_per_task, seed)
-        out = {f"acc_{t}": r[t]["exact"] for t in r}
+        r = evaluate_model(model, processor, n_per_task, seed, codec=codec)
+        out = {f"acc_{t}": r[t]["exact"] for t in r if t != "segment"}  # a whole segment answer is rarely exact
         if "detect" in r: out["hit_detect"] = r["detect"]["hit@0.5"]
+        if "segment" in r: out["iou_segment"] = r["segment"]["mask_iou"]
         return out
     return fn

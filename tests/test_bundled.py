@@ -5,8 +5,9 @@ import time
 import pytest
 import torch
 
-from paligemma_edu.bundled import (PixelLabelHead, bundled_model_path, load_bundled_model, pixel_accuracy,
-                                   pixel_label_batch, pretrain_vision, train_bundled_model)
+from paligemma_edu.bundled import (PixelLabelHead, bundled_model_path, evaluate_checkpoint, load_bundled_model,
+                                   pixel_accuracy, pixel_label_batch, pretrain_vision, train_bundled_model)
+from paligemma_edu.segmentation import CODEC_CONFIG, CODEC_WEIGHTS, load_codec, load_mask_codec
 from paligemma_edu.shapes import TASKS, make_example
 from paligemma_edu.train import EVAL_SEED, count_params, evaluate_model
 from conftest import small_shapes_model
@@ -28,7 +29,8 @@ def test_bundled_folder_is_complete():
     p = bundled_model_path()
     names = {f.name for f in p.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-            "preprocessor_config.json", "eval.json", "history.json"} <= names
+            "preprocessor_config.json", "eval.json", "history.json", "attention.json", CODEC_CONFIG, CODEC_WEIGHTS,
+            "mask_codec_history.json"} <= names
     from safetensors import safe_open
     with safe_open(str(p / "model.safetensors"), framework="pt") as f:
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
@@ -55,17 +57,18 @@ def test_matches_transformers_greedy(bundled):
                                                                         dtype=torch.float32).eval()
     hf_proc = transformers.PaliGemmaProcessor.from_pretrained(folder)
     model, processor = bundled
+    codec = load_mask_codec()
     for i, task in enumerate(TASKS * 2):
-        img, prompt, _, _ = make_example(EVAL_SEED + 900 + i, task)
+        img, prompt, _, _ = make_example(EVAL_SEED + 900 + i, task, codec=codec)
         text = "<image>" + prompt
         ours_in, hf_in = processor(images=img, text=text), hf_proc(images=img, text=text, return_tensors="pt")
         for k in ("input_ids", "attention_mask", "token_type_ids"): assert torch.equal(ours_in[k], hf_in[k].long()), k
         torch.testing.assert_close(ours_in["pixel_values"], hf_in["pixel_values"])
         T = ours_in["input_ids"].shape[1]
         ours = model.generate(ours_in["input_ids"], ours_in["pixel_values"], ours_in["attention_mask"],
-                              ours_in["token_type_ids"], max_new_tokens=24)[0, T:].tolist()
+                              ours_in["token_type_ids"], max_new_tokens=32)[0, T:].tolist()
         with torch.no_grad():
-            theirs = hf.generate(**hf_in, max_new_tokens=24, do_sample=False)[0, T:].tolist()
+            theirs = hf.generate(**hf_in, max_new_tokens=32, do_sample=False)[0, T:].tolist()
         assert ours == theirs, f"{prompt!r}: ours {ours} vs transformers {theirs}"
         assert ours[-1] == 1, f"{prompt!r}: the answer should end with <eos>; got {ours}"
 
@@ -73,13 +76,18 @@ def test_matches_transformers_greedy(bundled):
 def test_accuracy_on_fixed_held_out_set(bundled):
     "40 held-out scenes per task: accuracy not clearly below what eval.json records on 500."
     model, processor = bundled
-    res = evaluate_model(model, processor, n_per_task=40)
+    res = evaluate_model(model, processor, n_per_task=40, codec=load_mask_codec())
     print("\n" + json.dumps({t: {k: round(v, 3) for k, v in m.items()} for t, m in res.items()}))
     recorded = json.loads((bundled_model_path() / "eval.json").read_text())["metrics"]
     for task in TASKS:
         assert res[task]["exact"] >= floor(recorded[task]["exact"]), (task, res[task], recorded[task])
-    for key in ("hit@0.5", "absent_acc"):
-        assert res["detect"][key] >= floor(recorded["detect"][key]), (key, res["detect"], recorded["detect"])
+    for task in ("detect", "segment"):
+        for key in ("hit@0.5", "absent_acc"):
+            assert res[task][key] >= floor(recorded[task][key]), (task, key, res[task], recorded[task])
+    # mask IoU is a mean of numbers in [0, 1], not a proportion: a fixed margin of 0.1 (several standard errors of a
+    # 40-scene mean at the spread of per-object IoUs)
+    assert res["segment"]["mask_iou"] >= recorded["segment"]["mask_iou"] - 0.1, (res["segment"], recorded["segment"])
+    assert res["segment"]["invalid"] <= recorded["segment"]["invalid"] + 0.05, (res["segment"], recorded["segment"])
 
 
 def test_eval_json_records_the_command():
@@ -152,7 +160,7 @@ def test_vision_pretraining_stops_when_the_loss_is_not_finite(bundled):
 
 TINY_RECIPE = dict(vision_pretrain_steps=2, vision_pretrain_batch_size=4, steps=3, batch_size=4, warmup=1,
                    vision_width=32, vision_layers=1, vision_heads=1, text_width=32, text_layers=1, text_heads=2,
-                   head_dim=16)
+                   head_dim=16, codec={"steps": 3, "n_scenes": 20, "warmup": 1, "batch_size": 8})
 
 
 def test_training_writes_a_complete_folder_atomically(tmp_path):
@@ -160,8 +168,13 @@ def test_training_writes_a_complete_folder_atomically(tmp_path):
     out = tmp_path / "model"
     train_bundled_model(out, recipe=TINY_RECIPE, progress=False, eval_per_task=2)
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.model", "history.json", "eval.json"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.model", "history.json", "eval.json", CODEC_CONFIG,
+            CODEC_WEIGHTS, "mask_codec_history.json"} <= names
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left beside it
+    info, ev = (json.loads((out / name).read_text()) for name in ("history.json", "eval.json"))
+    assert info["recipe"]["codec"]["steps"] == 3 and info["codec_minutes"] <= info["train_minutes"]
+    assert set(ev["metrics"]) == set(TASKS) and ev["metrics"]["segment"]["n"] == 2
+    assert load_codec(out).cfg.width == info["recipe"]["codec"]["width"]
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(FileExistsError, match="not empty"):
         train_bundled_model(out, recipe=TINY_RECIPE, progress=False, eval_per_task=2)
@@ -183,3 +196,21 @@ def test_interrupted_training_leaves_the_old_folder(tmp_path, monkeypatch):
         train_bundled_model(out, recipe=TINY_RECIPE, seed=1, progress=False, eval_per_task=2, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_checkpoint_codec_is_loaded_strictly(tmp_path):
+    "The codec beside a checkpoint is part of it: evaluation loads it strictly and fails on a damaged one."
+    import shutil
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "m"
+    shutil.copytree(bundled_model_path(), folder)
+    sd = load_file(folder / CODEC_WEIGHTS)
+    sd.pop("decoder.conv_out.bias")
+    save_file(sd, folder / CODEC_WEIGHTS)
+    with pytest.raises(ValueError, match=r"mask_codec.safetensors.*missing.*decoder.conv_out.bias"):
+        evaluate_checkpoint(folder, n_per_task=1, write=False)
+    (folder / CODEC_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="mask_codec.safetensors"):
+        evaluate_checkpoint(folder, n_per_task=1, write=False)
+    for name in (CODEC_CONFIG, "mask_codec_history.json"): (folder / name).unlink()
+    assert "segment" not in evaluate_checkpoint(folder, n_per_task=1, write=False)["metrics"]  # a model without one

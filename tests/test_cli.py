@@ -64,7 +64,27 @@ def test_demo_writes_picture(tmp_path):
     r = run("demo", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert out.exists() and out.stat().st_size > 1000
-    assert "detect" in r.stdout and "caption en" in r.stdout
+    assert "detect" in r.stdout and "caption en" in r.stdout and "'segment " in r.stdout
+
+
+def test_generate_masks(checkpoint, tmp_path, capsys):
+    "--masks draws the masks of segment answers with the codec beside the model, or the one --codec names."
+    from paligemma_edu.bundled import bundled_model_path
+    img, out = str(checkpoint / "scene.png"), tmp_path / "masks.png"
+    _, scene = make_scene(3)
+    segment = f"segment {scene.objects[0].shape}"
+    assert main(["generate", "--image", img, "--prompt", segment, "--masks", str(out)]) == 0   # the bundled model
+    printed = capsys.readouterr().out
+    assert out.exists() and f"masks drawn to {out}" in printed and printed.count("<seg") == 16
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]                        # no temporary file left
+    # the checkpoint written by save_pretrained has no codec: --masks says so before generating; --codec gives one
+    assert main(["generate", "--model", str(checkpoint / "model"), "--image", img, "--prompt", segment,
+                 "--masks", str(tmp_path / "m2.png")]) == 2
+    assert "--masks needs a mask codec" in capsys.readouterr().err and not (tmp_path / "m2.png").exists()
+    assert main(["generate", "--model", str(checkpoint / "model"), "--codec", str(bundled_model_path()), "--image", img,
+                 "--image", img, "--prompt", segment, "--prompt", "caption en", "--masks", str(tmp_path / "m2.png")]) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "m2.png").exists() and "1 answer(s) could not be read as masks: answer 2:" in printed
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -79,6 +99,10 @@ def test_demo_writes_picture(tmp_path):
     (["generate", "--model", "", "--image", "__IMG__", "--prompt", "caption en"], "--model is empty"),
     (["generate", "--image", "__IMG__", "--prompt", "caption en", "--boxes", "__OUT__/boxes"], "--boxes needs a file name"),
     (["demo", "--out", "__OUT__/no/such/dir/demo.png"], "does not exist"),
+    (["generate", "--image", "__IMG__", "--prompt", "segment circle", "--masks", "__OUT__/masks.txt"],
+     "--masks needs a file name ending in"),
+    (["generate", "--image", "__IMG__", "--prompt", "segment circle", "--masks", "__OUT__/m.png", "--codec",
+      "__OUT__/none"], "no mask codec config at"),
 ])
 def test_errors_are_one_line(checkpoint, tmp_path, args, expected):
     fill = {"__IMG__": str(checkpoint / "scene.png"), "__CKPT__": str(checkpoint / "model"), "__OUT__": str(tmp_path)}

@@ -14,10 +14,10 @@ from paligemma_edu.segmentation import (BIG_VISION_TRAINING_STATE, CODEC_CONFIG,
                                         MaskCodec, MaskCodecConfig, Segment, big_vision_names, codebook_usage,
                                         codec_loss, codec_masks, decode_segmentation, draw_masks,
                                         evaluate_codec, load_big_vision_codec, load_codec, load_mask_codec,
-                                        mask_codec_path, mask_iou, object_masks, parse_segmentation, paste_mask,
+                                        parse_segmentation, paste_mask,
                                         pasted_iou, plot_codebook_usage, save_codec, seg_tokens, segment_answer,
                                         segmentation_text, show_reconstructions, train_codec, train_mask_codec)
-from paligemma_edu.shapes import Scene, make_scene
+from paligemma_edu.shapes import Scene, make_scene, mask_iou, object_masks
 from paligemma_edu.bundled import bundled_model_path
 
 TINY = MaskCodecConfig(code_dim=8, width=16)
@@ -348,7 +348,7 @@ def test_train_mask_codec_writes_a_loadable_codec(tmp_path):
 
 def test_bundled_codec_reaches_target():
     codec = load_mask_codec()
-    info = json.loads((mask_codec_path() / "mask_codec_history.json").read_text())
+    info = json.loads((bundled_model_path() / "mask_codec_history.json").read_text())
     assert info["eval"]["saved@64px"]["mean_iou"] >= 0.95 and info["pasted"]["mean_iou"] >= 0.95
     for size in (64, 128):  # measured again here, on fewer held-out scenes
         assert evaluate_codec(codec, codec_masks(range(CODEC_EVAL_SEED, CODEC_EVAL_SEED + 60), size))["mean_iou"] >= 0.95
@@ -366,6 +366,28 @@ def test_paste_mask():
     assert paste_mask(inside, (5, 5, 5, 9), 16).sum() == 0                    # an empty box
     half = torch.cat([torch.ones(1, 64, 32), -torch.ones(1, 64, 32)], 2)    # left half inside
     assert paste_mask(half, (0, 0, 8, 8), 8)[:, :4].all() and not paste_mask(half, (0, 0, 8, 8), 8)[:, 4:].any()
+
+
+def test_codec_methods_are_the_functions():
+    "A codec's `segment_answer` and `decode_segmentation` methods (what the shapes tasks call) are the functions."
+    codec = load_mask_codec()
+    _, scene = make_scene(CODEC_EVAL_SEED + 3)
+    for o in scene.objects:
+        text = codec.segment_answer(scene, o.shape)
+        assert text == segment_answer(scene, o.shape, codec)
+        [(b1, m1, l1)], [(b2, m2, l2)] = codec.decode_segmentation(text, 64), decode_segmentation(text, codec, 64)
+        assert b1 == b2 and l1 == l2 and np.array_equal(m1, m2)
+
+
+def test_codec_ignores_autocast():
+    "encode and decode compute in the codec's own dtype inside an autocast region (the training loop's targets)."
+    codec = tiny_codec()
+    masks = codec_masks(range(4))
+    codes = codec.encode(masks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(codec.encode(masks), codes)
+        decoded = codec.decode(codes)
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, codec.decode(codes))
 
 
 def test_mask_iou():

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from paligemma_edu.shapes import (BACKGROUNDS, COLORS, LOC_BINS, NUMBER_WORDS, SHAPES, TASKS, Scene, ShapeObject,
-                                  ShapesDataset, box_iou, caption, collate_examples, detect_answer, evaluate,
-                                  loc_tokens, make_example, make_scene, parse_detections, sample_scene, scene_masks, scene_tasks,
-                                  score, task_kind, task_texts)
+                                  ShapesDataset, available_tasks, box_iou, caption, collate_examples, detect_answer,
+                                  evaluate, loc_tokens, make_example, make_scene, mask_iou, object_masks,
+                                  parse_detections, sample_scene, scene_masks, scene_tasks, score, task_kind, task_texts)
+from paligemma_edu.segmentation import load_mask_codec
 
 SEEDS = range(60)
 
@@ -179,10 +180,13 @@ def test_tasks_and_answers():
     three = Scene([ShapeObject("triangle", "green", (0, 40, 20, 60)), ShapeObject("square", "blue", (30, 20, 50, 40)),
                    ShapeObject("circle", "red", (5, 0, 20, 15))])
     assert caption(three) == "a red circle, a blue square and a green triangle"
-    for kind in TASKS:
+    for kind in available_tasks():
         _, prompt, answer, scene = make_example(11, task=kind)
         assert task_kind(prompt) == kind
+    assert available_tasks() == tuple(t for t in TASKS if t != "segment")
     with pytest.raises(ValueError, match="unknown task"):
+        make_example(0, task="point")
+    with pytest.raises(ValueError, match="segment answers hold the 16 codes of a mask codec: pass codec="):
         make_example(0, task="segment")
     with pytest.raises(ValueError, match="not one of the shapes tasks"):
         task_kind("caption fr")
@@ -206,7 +210,7 @@ def test_evaluate_perfect_and_wrong_predictors():
 
     res = evaluate(perfect, ds, batch_size=32)
     assert calls == [32, 32, 16]
-    assert set(res) == set(TASKS) and sum(m["n"] for m in res.values()) == 80
+    assert set(res) == set(available_tasks()) and sum(m["n"] for m in res.values()) == 80
     for kind, m in res.items():
         for name, v in m.items():
             if name != "n": assert v == 1.0, (kind, name, v)
@@ -238,7 +242,7 @@ def test_score_detection_matching():
 
 
 # Every word (whitespace-separated, location tokens excluded) a prompt or an answer of the shapes tasks can contain.
-TASK_WORDS = {"caption", "en", "detect", "answer", "what", "color", "is", "the", "how", "many", "shapes", "are", "there?",
+TASK_WORDS = {"caption", "en", "detect", "segment", "answer", "what", "color", "is", "the", "how", "many", "shapes", "are", "there?",
               "a", "and", *SHAPES, *COLORS, *NUMBER_WORDS, *(f"{s}?" for s in SHAPES), *(f"{s}," for s in SHAPES),
               *(f"{c}?" for c in COLORS)}
 
@@ -248,3 +252,90 @@ def test_task_texts_cover_vocabulary():
     assert texts == task_texts(300, seed=0)
     words = {w for t in texts for w in t.split() if "<loc" not in w}
     assert words == set(TASK_WORDS)
+
+
+# ---------------------------------------------------------------- segment, with the bundled model's mask codec
+
+@pytest.fixture(scope="module")
+def codec():
+    return load_mask_codec()
+
+
+def test_object_masks_and_mask_iou(scenes):
+    for _, scene in scenes[:10]:
+        masks = object_masks(scene)
+        assert len(masks) == len(scene.objects) and all(m.dtype == bool and m.any() for m in masks)
+        assert np.array_equal(np.sum(masks, axis=0), scene_masks(scene)[0] > 0)   # disjoint, and they cover every object
+    assert mask_iou(np.ones((4, 4)), np.eye(4)).item() == 0.25
+    assert mask_iou(np.zeros((3, 3)), np.zeros((3, 3))).item() == 1.0
+
+
+def test_segment_task(codec):
+    sc = Scene([ShapeObject("square", "blue", (30, 40, 50, 60)), ShapeObject("circle", "red", (5, 5, 20, 20))], "white", 64)
+    pairs = dict(scene_tasks(sc, rng=0, tasks=("detect", "segment"), codec=codec))
+    assert set(pairs) == {"detect square", "detect circle", "detect triangle",
+                          "segment square", "segment circle", "segment triangle"}
+    assert pairs["segment triangle"] == "" and pairs["segment square"].startswith("<loc0480><loc0640><loc0800><loc0960><seg")
+    assert pairs["segment square"].count("<seg") == 16 and pairs["segment square"].endswith("> square")
+    (box, mask, label), = codec.decode_segmentation(pairs["segment square"], 64)
+    assert box == (30.0, 40.0, 50.0, 60.0) and label == "square" and mask_iou(mask, object_masks(sc)[0]) > 0.95
+    # with a codec, every task is available; the dataset draws segment too, and the same stream twice
+    assert available_tasks(codec) == TASKS
+    ds = ShapesDataset(60, seed=3, codec=codec, weights={"segment": 3.0})
+    kinds = [ds[i]["task"] for i in range(60)]
+    assert kinds.count("segment") > 15 and [ds[i]["answer"] for i in range(5)] == [ds[i]["answer"] for i in range(5)]
+    _, prompt, answer, scene = make_example(11, task="segment", codec=codec)
+    assert task_kind(prompt) == "segment" and (answer == "" or answer.count("<seg") == 16)
+    with pytest.raises(ValueError, match="pass codec="):
+        ShapesDataset(10, weights={"segment": 1.0})
+    with pytest.raises(ValueError, match="pass codec="):
+        scene_tasks(sc, tasks=("segment",))
+
+
+def test_segment_targets_do_not_depend_on_autocast(codec):
+    "Training writes its targets inside a bf16 autocast region; the codes are the codec's float32 ones all the same."
+    import torch
+    ds = ShapesDataset(40, seed=9, tasks=("segment",), codec=codec)
+    plain = [ds[i]["answer"] for i in range(40)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [ds[i]["answer"] for i in range(40)] == plain
+
+
+def test_score_segment(codec):
+    sc = Scene([ShapeObject("square", "blue", (16, 16, 32, 32)), ShapeObject("circle", "red", (40, 36, 60, 56))])
+    ans = codec.segment_answer(sc, "circle")
+    own = score("segment", ans, ans, sc, codec)
+    assert own["exact"] == 1.0 and own["ious"] == [1.0] and not own["invalid"] and own["n_pred"] == 1
+    assert own["mask_ious"][0] == pytest.approx(float(mask_iou(codec.decode_segmentation(ans, 64)[0][1],
+                                                               object_masks(sc)[1])))
+    # the mask is pasted into the predicted box: a box 5 pixels to the left loses mask IoU too
+    moved = score("segment", loc_tokens((40, 31, 60, 51), 64) + ans[36:], ans, sc, codec)
+    assert moved["ious"][0] == pytest.approx(15 / 25) and moved["mask_ious"][0] < own["mask_ious"][0] - 0.2
+    # another object's label, or the right label on a far box
+    assert score("segment", ans.replace("circle", "square"), ans, sc, codec)["mask_ious"] == [0.0]
+    far = score("segment", loc_tokens((0, 0, 10, 10), 64) + ans[36:], ans, sc, codec)
+    assert far["ious"] == [0.0] and far["mask_ious"] == [0.0] and not far["invalid"]
+    # malformed: fifteen codes, a code out of range, no box
+    for bad in (ans.replace("<seg", "<xxx", 1), ans.replace(ans[36:44], "<seg200>"), ans[36:]):
+        r = score("segment", bad, ans, sc, codec)
+        assert r["invalid"] and r["mask_ious"] == [0.0] and r["ious"] == [0.0] and r["exact"] == 0.0, bad
+    # absent shapes: nothing is right; anything else, a malformed answer included, is wrong
+    assert score("segment", "", "", sc, codec) == {"exact": 1.0, "ious": [], "mask_ious": [], "n_pred": 0,
+                                                   "absent": True, "invalid": False}
+    assert score("segment", "<loc0001>", "", sc, codec)["invalid"]
+    with pytest.raises(ValueError, match="needs the scene .* and the mask codec"):
+        score("segment", ans, ans, sc)
+
+
+def test_evaluate_segment(codec):
+    ds = ShapesDataset(48, seed=77, tasks=("segment",), codec=codec)
+    truth = {(ds[i]["prompt"], np.asarray(ds[i]["image"]).tobytes()): ds[i]["answer"] for i in range(len(ds))}
+    perfect = evaluate(lambda ims, ps: [truth[(p, np.asarray(im).tobytes())] for im, p in zip(ims, ps)], ds, codec=codec)
+    m = perfect["segment"]
+    assert set(perfect) == {"segment"} and m["n"] == 48
+    assert (m["exact"], m["hit@0.5"], m["mean_iou"], m["absent_acc"], m["invalid"]) == (1.0, 1.0, 1.0, 1.0, 0.0)
+    assert 0.95 < m["mask_iou"] < 1.0   # the codec's reconstruction, not the mask itself
+    broken = evaluate(lambda ims, ps: ["<loc0001> " + p.split()[1] for p in ps], ds, codec=codec)["segment"]
+    assert (broken["invalid"], broken["mask_iou"], broken["hit@0.5"], broken["absent_acc"]) == (1.0, 0.0, 0.0, 0.0)
+    silent = evaluate(lambda ims, ps: [""] * len(ps), ds, codec=codec)["segment"]
+    assert silent["absent_acc"] == 1.0 and silent["mask_iou"] == 0.0 and silent["invalid"] == 0.0

@@ -121,9 +121,9 @@ def show_pixel_labels(vision_tower, head, image_processor, seeds, image_size: in
 # %% ../nbs/17_bundled_model.ipynb #d43fb4c5
 BUNDLED_RECIPE = dict(image_size=64, patch_size=16, vocab_size=400, vision_width=128, vision_layers=4, vision_heads=2,
                       text_width=192, text_layers=4, text_heads=4, kv_heads=1, head_dim=48, mlp_ratio=4,
-                      steps=5000, batch_size=32, lr=1e-3, warmup=200, loss_per="example", weight_decay=0.05, clip=1.0,
+                      steps=6000, batch_size=32, lr=1e-3, warmup=200, loss_per="example", weight_decay=0.05, clip=1.0,
                       autocast=True, vision_lr_mult=0.1, projector_lr_mult=1.0,
-                      task_weights={"caption": 1.5, "detect": 2.0, "color": 1.5, "count": 0.5, "shape": 1.5, "segment": 1.5},
+                      task_weights={"caption": 1.5, "detect": 2.0, "color": 1.5, "count": 0.5, "shape": 1.5, "segment": 3.0},
                       vision_pretrain_steps=1000, vision_pretrain_batch_size=64, vision_pretrain_lr=1e-3,
                       codec=dict(CODEC_RECIPE))
 

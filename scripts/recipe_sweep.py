@@ -96,7 +96,7 @@ def one(name, out, device, scale, n_eval, deadline, threads=1, answer_steps=None
         if "eval_loss" in rec:  # keep what is known so far on disk, in case the run is cut short
             (Path(out) / f"{name}.json").write_text(json.dumps(dict(name=name, recipe=VARIANTS[name], steps=steps,
                                                     finished=False, history=hist, seconds=time.perf_counter() - t0)))
-            acc = {k: round(v, 2) for k, v in rec.items() if k.startswith(("acc_", "hit_"))}
+            acc = {k: round(v, 2) for k, v in rec.items() if k.startswith(("acc_", "hit_", "iou_"))}
             print(f"[{name}] step {rec['step']} loss {rec['loss']:.3f} eval {rec['eval_loss']:.3f} {acc}", flush=True)
         if time.time() > deadline: raise Stop
 

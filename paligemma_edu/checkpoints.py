@@ -127,8 +127,8 @@ def load_into(model, sd: dict, dtype, device):
     lm.lm_head.weight = lm.model.embed_tokens.weight  # re-tie: assign created two Parameters
     return model.to(device)  # the non-persistent buffers (RoPE frequencies, position ids)
 
-def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa"):
-    "Load a PaliGemma checkpoint folder (HF layout) strictly, without random initialisation."
+def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa", quantize=None):
+    "Load a PaliGemma checkpoint folder (HF layout) strictly, without random initialisation; quantize: 'int8' or 'int4'."
     folder = Path(path)
     if not folder.exists():
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
@@ -137,6 +137,9 @@ def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
+    if quantize is not None or "quantization_config" in json.loads(cfg_file.read_text()):  # see 20_quantization
+        from .quantization import from_pretrained_quantized
+        return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
     cfg = PaliGemmaConfig.from_json_file(cfg_file)
     cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
     dtype, device = pick_dtype(dtype), pick_device(device)
@@ -159,6 +162,9 @@ def to_published_key(k: str) -> str:
 
 def save_pretrained(self, folder, processor=None):
     "Write config.json + model.safetensors (published key layout); the processor too if given."
+    if getattr(self, "quantization", None) is not None:  # quantized layers have their own layout (20_quantization)
+        from .quantization import save_quantized
+        return save_quantized(self, folder, processor)
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
     sd = {to_published_key(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != HEAD}

@@ -12,14 +12,14 @@ from pathlib import Path
 __all__ = ['DEMO_TASKS', 'cmd_generate', 'cmd_demo', 'cmd_train', 'cmd_evaluate', 'build_parser', 'main']
 
 # %% ../nbs/17_cli.ipynb #9fedaa5f
-def _load(model_dir, device=None, dtype=None):
-    "Model and processor from a checkpoint folder (the bundled one when None)."
+def _load(model_dir, device=None, dtype=None, quantize=None):
+    "Model and processor from a checkpoint folder (the bundled one when None), optionally quantized on load."
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
     from paligemma_edu.processor import PaliGemmaProcessor
     from paligemma_edu.train import bundled_model_path
     import paligemma_edu.checkpoints  # noqa: F401  (from_pretrained)
     folder = Path(model_dir) if model_dir else bundled_model_path()
-    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize)
     return model, PaliGemmaProcessor.from_pretrained(folder)
 
 # %% ../nbs/17_cli.ipynb #142e1bcf
@@ -30,7 +30,7 @@ def cmd_generate(args):
     prompts = args.prompt if len(args.prompt) == len(images) else (args.prompt * len(images) if len(args.prompt) == 1 else None)
     if prompts is None:
         raise ValueError(f"give one --prompt for all images or one per image; got {len(args.prompt)} prompts for {len(images)} images")
-    model, proc = _load(args.model, args.device, args.dtype)
+    model, proc = _load(args.model, args.device, args.dtype, args.quantize)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if len(images) == 1:
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--device", default=None, help="cpu (default), cuda, or auto")
     g.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
+    g.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the weights while loading: int8, or int4 for the smallest memory (see 20_quantization)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=None)

@@ -8,11 +8,13 @@
     python benchmarks/quantization.py --quick               # all of it on tiny shapes, in seconds (the test suite runs it)
 
 Full size: random weights are written once, in bfloat16, to --folder (default /tmp/pg3b-bf16, ~5.9 GB; reused if
-present). Every configuration then runs in its own process (peak resident memory is per process), with --threads torch
-threads: ours in bfloat16 (memory-mapped float weights), int8 and int4 (quantized while loading from the bf16 folder,
-then saved and reloaded), and transformers in bfloat16 (eager and sdpa). Speed rounds interleave the configurations
-and alternate their order; figures are medians over rounds. Each run of a section replaces that section of
-quantization.json and keeps the others.
+present), and quantized once while loading (int8 and int4), which also measures that path; the quantized models are
+saved next to it and reused. Memory: each configuration in its own process (peak resident memory is per process).
+Speed: this machine is shared, and with 2 threads every parallel op waits whenever another process holds the other
+core, so timings from separate processes minutes apart are not comparable; instead one process holds transformers'
+bf16 model and one of ours and alternates between them (prefill by prefill, generation by generation, the order
+rotating), and the ratios of each round are reported (median over rounds), at --threads threads and at 1 thread.
+Each run of a section replaces that section of quantization.json and keeps the others.
 """
 from __future__ import annotations
 import argparse, json, os, statistics, subprocess, sys, time
@@ -103,6 +105,36 @@ def worker(a) -> dict:
     return out
 
 
+def worker_paired(a) -> dict:
+    """transformers bf16 (eager, then sdpa, on one model) and ours (--quantize, from --model) in one process, alternating:
+    --reps rounds of prefills, then --reps rounds of --new-tokens greedy tokens at batch 1 (order rotating each round)."""
+    import torch
+    torch.set_num_threads(a.threads)
+    from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+    import paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401
+    cfg = json.loads((Path(a.folder) / "config.json").read_text())
+    hf = bench.load("hf_eager", a.folder, torch.bfloat16)
+    ours = PaliGemmaForConditionalGeneration.from_pretrained(a.model, dtype="bfloat16")
+    inp = bench.make_inputs(cfg, 1, torch.bfloat16)
+    def use(name):
+        if name.startswith("hf"): hf.set_attn_implementation(name[3:])
+        return ("ours", ours) if name == "ours" else ("hf", hf)
+    names = ["hf_eager", "hf_sdpa", "ours"]
+    pre, dec = {n: [] for n in names}, {n: [] for n in names}
+    for n in names:  # warm-up
+        impl, m = use(n); bench.prefill(impl, m, inp); bench.timed_generate(impl, m, inp, 2)
+    for r in range(a.reps):
+        for n in names[r % 3:] + names[:r % 3]:
+            impl, m = use(n); t0 = time.perf_counter(); bench.prefill(impl, m, inp); pre[n].append(time.perf_counter() - t0)
+    for r in range(a.reps):
+        for n in names[r % 3:] + names[:r % 3]:
+            impl, m = use(n); ttft, total, _ = bench.timed_generate(impl, m, inp, a.new_tokens)
+            dec[n].append((a.new_tokens - 1) / (total - ttft))
+    return dict(ours=a.quantize, threads=a.threads, prefill_s=pre, decode_tok_s=dec,
+                decode_x=[dec["ours"][r] / max(dec["hf_eager"][r], dec["hf_sdpa"][r]) for r in range(a.reps)],
+                prefill_x=[pre["ours"][r] / min(pre["hf_eager"][r], pre["hf_sdpa"][r]) for r in range(a.reps)])
+
+
 # ----------------------------------------------------------------------------------------------------- sections
 def run_accuracy(a) -> dict:
     "Bundled model, float32 activations: float, int8, int4 on every task of the held-out set."
@@ -172,110 +204,124 @@ def run_tiny(a) -> dict:
 
 
 def run_kernels(a) -> dict:
-    "One N x K matrix times M rows of activations in every format (median of repetitions, same process)."
+    "One N x K matrix times M rows of activations in every format (formats interleaved, median of repetitions), at --threads and 1 thread."
     import torch
     from paligemma_edu.quantization import QuantLinear
-    torch.set_num_threads(a.threads)
     N, K = (1024, 512) if a.quick else (16384, 2048)
     lin = torch.nn.Linear(K, N, bias=False)
     layers = {"float32": lin, "bfloat16": torch.nn.Linear(K, N, bias=False).bfloat16(),
               "int8": QuantLinear.from_linear(lin, 8).bfloat16(), "int4": QuantLinear.from_linear(lin, 4).bfloat16()}
     out = {}
-    for M in (1, 264):
-        xs = {k: torch.randn(M, K, dtype=torch.float32 if k == "float32" else torch.bfloat16) for k in layers}
-        times = {k: [] for k in layers}
-        with torch.inference_mode():
-            for r in range(3 if a.quick else 7):  # formats interleaved, repetition by repetition
-                for k, l in layers.items():
-                    if r == 0: l(xs[k])
-                    t0 = time.perf_counter(); l(xs[k]); times[k].append(time.perf_counter() - t0)
-        out[f"M={M}"] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    return dict(shape=[N, K], ms=out, group_size=64, activations="bfloat16 (float32 for the float32 row)")
+    for threads in dict.fromkeys([a.threads, 1]):
+        torch.set_num_threads(threads)
+        for M in (1, 264):
+            xs = {k: torch.randn(M, K, dtype=torch.float32 if k == "float32" else torch.bfloat16) for k in layers}
+            times = {k: [] for k in layers}
+            with torch.inference_mode():
+                for r in range(3 if a.quick else 9):  # formats interleaved, repetition by repetition
+                    for k, l in layers.items():
+                        if r == 0: l(xs[k])
+                        t0 = time.perf_counter(); l(xs[k]); times[k].append(time.perf_counter() - t0)
+            out[f"{threads} threads, M={M}"] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return dict(shape=[N, K], ms=out, group_size=64, activations="bfloat16 (float32 for the float32 column)")
 
 
 def run_full(a, folder: Path, cfg: dict) -> dict:
-    "Memory and speed of every configuration, each in its own process."
-    import torch  # noqa: F401
+    "Memory of every configuration (each in its own process), then paired speed runs (see the module docstring)."
     if not (folder / "model.safetensors").exists():
         t0 = time.perf_counter()
         print(f"writing random bf16 weights to {folder} ...", flush=True)
         write_random_bf16(cfg, folder)
         print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
-    new = 4 if a.quick else NEW_TOKENS
-    reps = 1 if a.quick else 2
-    qdirs = {q: folder.with_name(folder.name.replace("bf16", "") + q if "bf16" in folder.name else folder.name + "-" + q)
-             for q in ("int8", "int4")}
+    new, reps = (4, 1) if a.quick else (NEW_TOKENS, 2)
+    stem = folder.name[:-len("bf16")] if folder.name.endswith("bf16") else folder.name + "-"
+    qdirs = {q: folder.with_name(stem + q) for q in ("int8", "int4")}
     onload = {}
-    for q, d in qdirs.items():  # quantize while loading from the bf16 folder; generate; then save for the speed rounds
+    for q, d in qdirs.items():  # quantize while loading the bf16 folder, generate, save (reused by the runs below)
         onload[q] = spawn(a, impl=f"ours_{q}_onload", model=folder, quantize=q, reps=1, new_tokens=new, save=d)
-        print(f"  {q} quantized on load: {onload[q]['load_s']:.1f} s, peak RSS {onload[q]['peak_rss_gb']:.2f} GB", flush=True)
-    impls = {"ours_bf16": dict(model=folder, quantize="none"), "ours_int8": dict(model=qdirs["int8"], quantize="none"),
-             "ours_int4": dict(model=qdirs["int4"], quantize="none")}
-    if not a.quick: impls |= {"hf_eager": dict(model=folder, quantize="none"), "hf_sdpa": dict(model=folder, quantize="none")}
-    runs = {k: [] for k in impls}
-    for r in range(a.rounds):
-        order = list(impls) if r % 2 == 0 else list(impls)[::-1]
-        for k in order:
-            runs[k].append(spawn(a, impl=k, reps=reps, new_tokens=new, **impls[k]))
-            x = runs[k][-1]
-            print(f"  round {r} {k}: prefill {x['prefill_s']:.2f} s, decode {x['decode_tok_s']:.2f} tok/s, "
-                  f"peak RSS {x['peak_rss_gb']:.2f} GB", flush=True)
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("load_s", "prefill_s", "decode_tok_s", "peak_rss_gb", "base_rss_gb")}
-           for k, v in runs.items()}
-    return dict(config=cfg.get("_source", "custom"), folder=str(folder), rounds=a.rounds, new_tokens=new, prefill_reps=reps,
-                onload=onload, runs=runs, median=med, quantized_gb={q: onload[q]["saved_gb"] for q in onload},
+        print(f"  {q} quantized while loading: {onload[q]['load_s']:.1f} s, peak RSS {onload[q]['peak_rss_gb']:.2f} GB", flush=True)
+    mem_impls = {"ours_bf16": folder, "ours_int8": qdirs["int8"], "ours_int4": qdirs["int4"]}
+    if not a.quick: mem_impls |= {"hf_eager": folder, "hf_sdpa": folder}
+    memory = {}
+    for k, d in mem_impls.items():
+        memory[k] = spawn(a, impl=k, model=d, quantize="none", reps=reps, new_tokens=new)
+        print(f"  {k}: peak RSS {memory[k]['peak_rss_gb']:.2f} GB, load {memory[k]['load_s']:.1f} s", flush=True)
+    paired = {}
+    for threads in [a.threads] if a.quick else dict.fromkeys([a.threads, 1]):
+        for q, d in [("int4", qdirs["int4"])] if a.quick else [("bf16", folder), ("int8", qdirs["int8"]), ("int4", qdirs["int4"])]:
+            a2 = argparse.Namespace(**{**vars(a), "threads": threads})
+            r = paired[f"{q}@{threads}"] = spawn(a2, impl="paired", model=d, folder=folder, quantize=q, reps=a.rounds,
+                                                 new_tokens=new if a.quick else 16)
+            print(f"  paired {q}, {threads} threads: decode x {[round(x, 2) for x in r['decode_x']]}, "
+                  f"prefill x {[round(x, 2) for x in r['prefill_x']]}", flush=True)
+    return dict(config=cfg.get("_source", "custom"), folder=str(folder), rounds=a.rounds, new_tokens=new, onload=onload,
+                paired_new_tokens=new if a.quick else 16,
+                memory=memory, paired=paired, quantized_gb={q: onload[q]["saved_gb"] for q in onload},
                 bf16_gb=(folder / "model.safetensors").stat().st_size / 1e9)
 
 
 # ----------------------------------------------------------------------------------------------------- report
+def _med(xs): return statistics.median(xs)
+
+
 def full_table(f: dict) -> str:
-    "The markdown table of the full-size section (numbers from the results, nothing typed)."
-    m, o = f["median"], f["onload"]
-    hf = [k for k in ("hf_eager", "hf_sdpa") if k in m]
-    best_dec = max((m[k]["decode_tok_s"] for k in hf), default=None)
-    bf16_pre = m["ours_bf16"]["prefill_s"]
-    L = ["| configuration | weights on disk (GB) | peak RSS, load + generate (GB) | load (s) | prefill (s) | prefill / ours bf16 "
-         "| decode b1 (tok/s) | decode / best transformers bf16 |", "|---|---|---|---|---|---|---|---|"]
-    def row(name, k, disk, rss, load):
-        x = m[k]
-        sp = f"{x['decode_tok_s'] / best_dec:.2f}x" if best_dec else "n/a"
-        L.append(f"| {name} | {disk} | {rss:.2f} | {load:.1f} | {x['prefill_s']:.2f} | {x['prefill_s'] / bf16_pre:.2f}x | "
-                 f"{x['decode_tok_s']:.2f} | {sp} |")
-    for k in hf: row(f"transformers bf16 ({k[3:]})", k, f"{f['bf16_gb']:.2f}", m[k]["peak_rss_gb"], m[k]["load_s"])
-    row("ours bf16 (memory-mapped)", "ours_bf16", f"{f['bf16_gb']:.2f}", m["ours_bf16"]["peak_rss_gb"], m["ours_bf16"]["load_s"])
+    "Markdown tables of the full-size section: memory per process, then the paired speed ratios (all from the results)."
+    m, o = f["memory"], f["onload"]
+    L = ["| configuration | weights on disk (GB) | peak RSS, load + generate (GB) | load (s) |", "|---|---|---|---|"]
+    for k in ("hf_eager", "hf_sdpa"):
+        if k in m: L.append(f"| transformers bf16 ({k[3:]}) | {f['bf16_gb']:.2f} | {m[k]['peak_rss_gb']:.2f} | {m[k]['load_s']:.1f} |")
+    L.append(f"| ours bf16 (memory-mapped) | {f['bf16_gb']:.2f} | {m['ours_bf16']['peak_rss_gb']:.2f} | {m['ours_bf16']['load_s']:.1f} |")
     for q in ("int8", "int4"):
-        row(f"ours {q}, saved quantized checkpoint", f"ours_{q}", f"{f['quantized_gb'][q]:.2f}", m[f"ours_{q}"]["peak_rss_gb"],
-            m[f"ours_{q}"]["load_s"])
-        L.append(f"| ours {q}, quantized while loading the bf16 folder | {f['bf16_gb']:.2f} | {o[q]['peak_rss_gb']:.2f} | "
-                 f"{o[q]['load_s']:.1f} | {o[q]['prefill_s']:.2f} | | {o[q]['decode_tok_s']:.2f} | |")
+        L.append(f"| ours {q}, saved quantized checkpoint | {f['quantized_gb'][q]:.2f} | {m[f'ours_{q}']['peak_rss_gb']:.2f} | "
+                 f"{m[f'ours_{q}']['load_s']:.1f} |")
+        L.append(f"| ours {q}, quantized while loading the bf16 checkpoint | {f['bf16_gb']:.2f} | {o[q]['peak_rss_gb']:.2f} | "
+                 f"{o[q]['load_s']:.1f} |")
+    if not f["paired"]: return "\n".join(L)
+    L += ["", "| ours | threads | decode b1 tok/s: ours / HF eager / HF sdpa | decode: ours / faster HF | "
+          "prefill s: ours / HF eager / HF sdpa | prefill: ours / faster HF | prefill: ours / ours bf16 |", "|---|---|---|---|---|---|---|"]
+    for key, r in f["paired"].items():
+        q, th = key.split("@")
+        d, p = r["decode_tok_s"], r["prefill_s"]
+        base = f["paired"].get(f"bf16@{th}")
+        vs_bf16 = f"{_med(r['prefill_x']) / _med(base['prefill_x']):.2f}x" if base else "n/a"
+        L.append(f"| {q} | {th} | {_med(d['ours']):.2f} / {_med(d['hf_eager']):.2f} / {_med(d['hf_sdpa']):.2f} | "
+                 f"**{_med(r['decode_x']):.2f}x** ({min(r['decode_x']):.2f}-{max(r['decode_x']):.2f}) | "
+                 f"{_med(p['ours']):.2f} / {_med(p['hf_eager']):.2f} / {_med(p['hf_sdpa']):.2f} | "
+                 f"{_med(r['prefill_x']):.2f}x ({min(r['prefill_x']):.2f}-{max(r['prefill_x']):.2f}) | {vs_bf16} |")
     return "\n".join(L)
 
 
 def targets_table(res: dict) -> str:
     "Each target and the measured value."
     L = ["| target | measured | met? |", "|---|---|---|"]
+    yes = lambda ok: "**yes**" if ok else "no"
     f = res.get("full")
-    if f and "hf_eager" in f["median"]:
-        m, o = f["median"], f["onload"]
-        best = max(m[k]["decode_tok_s"] for k in ("hf_eager", "hf_sdpa"))
-        rss4 = max(o["int4"]["peak_rss_gb"], m["ours_int4"]["peak_rss_gb"])
-        d4, d8 = m["ours_int4"]["decode_tok_s"] / best, m["ours_int8"]["decode_tok_s"] / best
-        p4, p8 = (m[f"ours_{q}"]["prefill_s"] / m["ours_bf16"]["prefill_s"] for q in ("int4", "int8"))
-        yes = lambda ok: "**yes**" if ok else "no"
-        L += [f"| full size: peak RSS, load + generation, int4 <= {TARGETS['rss_int4_gb']} GB | {rss4:.2f} GB (quantized while "
-              f"loading: {o['int4']['peak_rss_gb']:.2f}; saved int4: {m['ours_int4']['peak_rss_gb']:.2f}) | {yes(rss4 <= TARGETS['rss_int4_gb'])} |",
-              f"| full size: decode batch 1, int4 >= {TARGETS['decode_int4_x']}x transformers bf16 (faster path) | {d4:.2f}x | {yes(d4 >= TARGETS['decode_int4_x'])} |",
-              f"| full size: decode batch 1, int8 >= {TARGETS['decode_int8_x']}x | {d8:.2f}x | {yes(d8 >= TARGETS['decode_int8_x'])} |",
-              f"| full size: prefill no more than {TARGETS['prefill_slowdown']:.1f}x ours bf16 | int4 {p4:.2f}x, int8 {p8:.2f}x | "
-              f"int4 {yes(p4 <= TARGETS['prefill_slowdown'])}, int8 {yes(p8 <= TARGETS['prefill_slowdown'])} |"]
+    if f and {f"{q}@{t}" for q in ("bf16", "int8", "int4") for t in (res["threads"], 1)} <= set(f["paired"]):
+        th = res["threads"]
+        P = lambda q, t=th: f["paired"][f"{q}@{t}"]
+        rss4 = max(f["onload"]["int4"]["peak_rss_gb"], f["memory"]["ours_int4"]["peak_rss_gb"])
+        d4, d8 = _med(P("int4")["decode_x"]), _med(P("int8")["decode_x"])
+        d4_1, d8_1 = _med(P("int4", 1)["decode_x"]), _med(P("int8", 1)["decode_x"])
+        p4, p8 = (_med(P(q)["prefill_x"]) / _med(P("bf16")["prefill_x"]) for q in ("int4", "int8"))
+        h4, h8 = (_med(P(q)["prefill_x"]) for q in ("int4", "int8"))
+        L += [f"| full size: peak RSS over load + generation, int4 <= {TARGETS['rss_int4_gb']} GB | {rss4:.2f} GB (quantized while "
+              f"loading: {f['onload']['int4']['peak_rss_gb']:.2f}; saved int4: {f['memory']['ours_int4']['peak_rss_gb']:.2f}) | "
+              f"{yes(rss4 <= TARGETS['rss_int4_gb'])} |",
+              f"| full size: decode batch 1, int4 >= {TARGETS['decode_int4_x']}x transformers bf16 (its faster path) | {d4:.2f}x "
+              f"({th} threads), {d4_1:.2f}x (1 thread) | {yes(min(d4, d4_1) >= TARGETS['decode_int4_x'])} |",
+              f"| full size: decode batch 1, int8 >= {TARGETS['decode_int8_x']}x | {d8:.2f}x ({th} threads), {d8_1:.2f}x (1 thread) | "
+              f"{yes(min(d8, d8_1) >= TARGETS['decode_int8_x'])} |",
+              f"| full size: prefill at most {TARGETS['prefill_slowdown']:.1f}x bf16 ({th} threads) | int4 {p4:.2f}x ours bf16, "
+              f"{h4:.2f}x transformers; int8 {p8:.2f}x, {h8:.2f}x | int4 {yes(max(p4, h4) <= TARGETS['prefill_slowdown'])}, "
+              f"int8 {yes(max(p8, h8) <= TARGETS['prefill_slowdown'])} |"]
     acc = res.get("accuracy")
     if acc:
         d8 = min(r["int8"] - r["float"] for r in acc["table"].values())
         d4 = min(r["int4"] - r["float"] for r in acc["table"].values())
         L += [f"| bundled model, every task within {TARGETS['acc_int8']:.0%} of float in int8 | worst {d8:+.1%} | "
-              f"{'**yes**' if d8 >= -TARGETS['acc_int8'] else 'no'} |",
+              f"{yes(d8 >= -TARGETS['acc_int8'])} |",
               f"| bundled model, every task within {TARGETS['acc_int4']:.0%} of float in int4 | worst {d4:+.1%} | "
-              f"{'**yes**' if d4 >= -TARGETS['acc_int4'] else 'no'} |"]
+              f"{yes(d4 >= -TARGETS['acc_int4'])} |"]
     return "\n".join(L)
 
 
@@ -283,11 +329,11 @@ def write_report(out: Path, res: dict) -> Path:
     L = ["# Quantization benchmark results", "", f"Machine: {res.get('machine', {})}", ""]
     if "full" in res:
         f = res["full"]
-        L += [f"## {'Quick run, tiny shapes' if f['new_tokens'] < NEW_TOKENS else 'Full size'} ({f['config']}), random bf16 weights, "
-              f"{res['threads']} threads", "",
-              f"Medians over {f['rounds']} interleaved rounds (configurations alternate order); prefill: median of "
-              f"{f['prefill_reps']} after a warm-up; decode: {f['new_tokens']} new tokens at batch 1. Each configuration "
-              f"in its own process. Load during the run: {res.get('load_note', 'n/a')}.", "", f["table_md"], ""]
+        L += [f"## {'Quick run, tiny shapes' if f['new_tokens'] < NEW_TOKENS else 'Full size'} ({f['config']}), random bf16 weights", "",
+              f"Memory: each configuration in its own process, {res['threads']} threads, loading then prefill and {f['new_tokens']} "
+              f"greedy tokens at batch 1. Speed: paired runs (one process holds transformers' bf16 model and one of ours and "
+              f"alternates, order rotating), {f['rounds']} rounds of prefills and of {f['paired_new_tokens']}-token generations; ratio columns: median "
+              f"over rounds (min-max). Load during the run: {res.get('load_note', 'n/a')}.", "", f["table_md"], ""]
     if "accuracy" in res:
         acc = res["accuracy"]
         L += [f"## Bundled model, {acc['n_per_task']} held-out scenes per task (`{acc['command']}`)", "",
@@ -307,7 +353,7 @@ def write_report(out: Path, res: dict) -> Path:
     if "kernels" in res:
         k = res["kernels"]
         L += [f"## One {k['shape'][0]}x{k['shape'][1]} matrix (ms, median; int4 group {k['group_size']}; activations {k['activations']})", "",
-              "| rows | " + " | ".join(next(iter(k["ms"].values()))) + " |", "|---" * (1 + len(next(iter(k["ms"].values())))) + "|"]
+              "| threads, rows | " + " | ".join(next(iter(k["ms"].values()))) + " |", "|---" * (1 + len(next(iter(k["ms"].values())))) + "|"]
         for M, r in k["ms"].items(): L.append(f"| {M} | " + " | ".join(f"{v:.2f}" for v in r.values()) + " |")
         L.append("")
     L += ["## Targets", "", targets_table(res), ""]
@@ -331,7 +377,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS); ap.add_argument("--save", default=None)
     a = ap.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a))); return
+        print(json.dumps(worker_paired(a) if a.impl == "paired" else worker(a))); return
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     path = out / "quantization.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -348,7 +394,7 @@ def main(argv=None):
         for name in ("accuracy", "tiny", "kernels"):
             if getattr(a, name):
                 print(f"{name} ...", flush=True)
-                res[name] = globals()[f"run_{name}"](a)
+                res[name] = globals()[f"run_{name}"](a) | dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         if a.full:
             print("full ...", flush=True)
             if a.quick:
@@ -357,10 +403,12 @@ def main(argv=None):
             else: cfg, folder = bench.full_config(), Path(a.folder)
             res["full"] = run_full(a, folder, cfg)
             res["full"]["table_md"] = full_table(res["full"])
+            res["full"]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             l1 = os.getloadavg()
             res["load_note"] = (f"a shared machine: 1/5/15-min load average {'/'.join(f'{x:.1f}' for x in l0)} at the start, "
                                 f"{'/'.join(f'{x:.1f}' for x in l1)} at the end ({os.cpu_count()} logical CPUs)")
-        path.write_text(json.dumps(res, indent=1, default=str))
+    res["targets_md"] = targets_table(res)
+    path.write_text(json.dumps(res, indent=1, default=str))
     print(write_report(out, res).read_text())
 
 

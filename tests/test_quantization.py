@@ -124,6 +124,18 @@ def test_quantize_on_load_equals_quantize_after_load(bundled):
     assert all(torch.equal(after[k], v) for k, v in bf16.state_dict().items())
 
 
+def test_quantize_on_load_rounds_to_dtype_first(bundled, tmp_path):
+    "A float32 checkpoint loaded in bfloat16: quantizing on load equals loading in bfloat16, then quantizing."
+    model = copy.deepcopy(bundled[0])
+    with torch.no_grad():  # weights that are not already bfloat16 numbers
+        for p in model.parameters(): p.add_(torch.randn_like(p) * 1e-3)
+    f32 = model.save_pretrained(tmp_path / "f32")
+    for q in ("int8", "int4"):
+        on_load = PaliGemmaForConditionalGeneration.from_pretrained(f32, dtype="bfloat16", quantize=q).state_dict()
+        after = quantize(PaliGemmaForConditionalGeneration.from_pretrained(f32, dtype="bfloat16"), int(q[3:])).state_dict()
+        assert all(torch.equal(after[k], v) for k, v in on_load.items())
+
+
 def _copy_folder(src, dst, config=None, tensors=None):
     dst.mkdir()
     cfg = json.loads((src / "config.json").read_text())
@@ -212,6 +224,6 @@ def test_benchmark_script_quick(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "quantization.json").read_text())
-    assert {"ours_bf16", "ours_int8", "ours_int4"} <= set(res["full"]["median"])
+    assert {"ours_bf16", "ours_int8", "ours_int4"} <= set(res["full"]["memory"])
     assert res["full"]["onload"]["int4"]["peak_rss_gb"] > 0
     assert "| ours int4, saved quantized checkpoint |" in (tmp_path / "quantization.md").read_text()

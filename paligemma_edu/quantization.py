@@ -133,8 +133,9 @@ def plot_rounding_error(w, group_size: int = 64, ax=None):
     if ax is None: _, ax = plt.subplots(figsize=(4.5, 2.4), dpi=80)
     sd = w.float().std()
     for bits in (8, 4):
-        err = ((w.float() - fake_quantize(w, bits, group_size).float()) / sd).flatten()
-        ax.hist(err.numpy(), bins=120, histtype="step", label=f"int{bits}: rel. error {relative_error(w, w - err * sd):.2%}")
+        w_hat = fake_quantize(w, bits, group_size)
+        err = ((w.float() - w_hat.float()) / sd).flatten()
+        ax.hist(err.numpy(), bins=120, histtype="step", label=f"int{bits}: relative error {relative_error(w, w_hat):.2%}")
     ax.set_xlabel("w - w_hat (in std of the weights)"); ax.set_yscale("log"); ax.legend(fontsize=7)
     return ax
 
@@ -194,7 +195,7 @@ def plot_sensitivity(results: dict, ax=None):
     ax.invert_yaxis(); ax.set_xscale("log"); ax.set_xlabel("max |logits error| / max |logits|"); ax.legend(fontsize=7)
     return ax
 
-# %% ../nbs/20_quantization.ipynb #1e058285
+# %% ../nbs/20_quantization.ipynb #767c1c85
 _LAYOUTS = (("halves", 64), ("halves", 32), ("pairs", 32), ("pairs", 64), ("pairs", 16))
 
 def _unpack_kernel_layout(packed, N: int, K: int, kind: str, block: int):
@@ -237,7 +238,7 @@ def pack_int4_cuda(q):
     tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
     return torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous(), tiles)
 
-# %% ../nbs/20_quantization.ipynb #ed0e8a61
+# %% ../nbs/20_quantization.ipynb #081cd5c1
 SMALL_M = 32           # up to this many rows of activations the kernels win; more rows: a float matmul on a dequantized slice
 _WORKSPACE = {}        # (dtype, device) -> one reusable float buffer
 
@@ -253,14 +254,14 @@ def int8_matmul(x, q, scale):
     "x (M, K) @ (q * scale[:, None]).T -> (M, N) in x's dtype, never materialising the float matrix whole."
     if x.shape[0] <= SMALL_M and x.device.type == "cpu" and q.shape[1] % 16 == 0:  # other widths crash the bf16 kernel
         return torch._weight_int8pack_mm(x, q, scale.to(x.dtype))
-    rows = max(1, (1 << 24) // q.shape[1])                                           # ~16M weights per slice
+    rows = max(1, (1 << 25) // q.shape[1])                                           # ~32M weights per slice
     outs = []
     for i in range(0, q.shape[0], rows):
         w = _workspace(min(rows, q.shape[0] - i) * q.shape[1], x.dtype, x.device).view(-1, q.shape[1])
         outs.append(x @ w.copy_(q[i:i + rows]).T)                                   # int8 -> float, then a float matmul
     return (outs[0] if len(outs) == 1 else torch.cat(outs, -1)) * scale.to(x.dtype)
 
-# %% ../nbs/20_quantization.ipynb #a73437ab
+# %% ../nbs/20_quantization.ipynb #f4bd10a2
 class QuantLinear(nn.Module):
     "nn.Linear with its weight stored as int8 rows (scale per row) or int4 groups (scale and zero per group)."
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 64,
@@ -329,6 +330,7 @@ class QuantLinear(nn.Module):
         Kp = self.scale_zero.shape[0] * self.group_size
         if Kp != self.in_features: x = F.pad(x, (0, Kp - self.in_features))             # (M, Kp)
         if x.is_cuda:  # the CUDA kernel computes in bfloat16
+            if self.qweight.dim() != 4: raise RuntimeError("this int4 layer is packed for the CPU: load or quantize the model on the GPU")
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
                                                    self.scale_zero.to(torch.bfloat16)).to(x.dtype)
         elif x.shape[0] <= SMALL_M or x.dtype != torch.float32:
@@ -403,7 +405,7 @@ class QuantLinear(nn.Module):
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bits={self.bits}{g}"
 
-# %% ../nbs/20_quantization.ipynb #25b75e90
+# %% ../nbs/20_quantization.ipynb #7922b098
 class QuantEmbedding(QuantLinear):
     "A token embedding stored as int8 rows, one absmax scale per row; `as_head` reads the same table as the LM head."
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype=None, device=None):
@@ -425,7 +427,7 @@ class TiedHead(nn.Module):
 
     def forward(self, h): return self.embedding.as_head(h)
 
-# %% ../nbs/20_quantization.ipynb #72b880a1
+# %% ../nbs/20_quantization.ipynb #db0b02b5
 QUANT_METHOD = "paligemma_edu"
 
 def quantization_settings(bits: int = 8, group_size: int = 64, skip=()) -> dict:
@@ -482,7 +484,7 @@ def model_bytes(model) -> int:
     "Bytes of every tensor `model` holds (shared tensors counted once)."
     return sum({t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values())
 
-# %% ../nbs/20_quantization.ipynb #6d20ec99
+# %% ../nbs/20_quantization.ipynb #21c68b0a
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
               "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
               "BOOL": torch.bool}
@@ -526,7 +528,7 @@ def read_header(path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"could not read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from None
 
-# %% ../nbs/20_quantization.ipynb #a24cafd5
+# %% ../nbs/20_quantization.ipynb #dd85df4d
 def _atomic(path: Path, write):
     "Call write(tmp) on a temporary file beside `path`, then move it into place (a reader never sees half a file)."
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -550,7 +552,7 @@ def save_quantized(model, folder, processor=None) -> Path:
     if processor is not None: processor.save_pretrained(folder)
     return folder
 
-# %% ../nbs/20_quantization.ipynb #dd85df4d
+# %% ../nbs/20_quantization.ipynb #053f065a
 def _settings_from(quantize) -> dict | None:
     "Settings from from_pretrained's `quantize`: None, 'int8', 'int4', or a dict of `quantize` arguments."
     if quantize is None: return None
@@ -608,7 +610,7 @@ def _check_tied_head(infos: dict):
     if head.shape != emb.shape or not all(torch.equal(h, e) for _, (h, e) in _row_blocks([head, emb])):
         raise ValueError("checkpoint has an LM head that differs from the token embedding; this model ties them")
 
-# %% ../nbs/20_quantization.ipynb #053f065a
+# %% ../nbs/20_quantization.ipynb #e5c4fd8b
 def from_pretrained_quantized(cls, folder, quantize=None, dtype=None, device=None, attn_implementation: str = "sdpa"):
     "Load a folder quantized: float weights quantized one tensor at a time as they are read; quantized ones strictly."
     folder, cfg_file = Path(folder), Path(folder) / "config.json"
@@ -642,7 +644,7 @@ def from_pretrained_quantized(cls, folder, quantize=None, dtype=None, device=Non
         keys = list(m.portable_specs()) if saved else ["weight"]
         for i, rows in _row_blocks([infos[f"{name}.{k}"] for k in keys]):
             if saved: m.load_portable_(dict(zip(keys, rows)), row0=i)
-            else: m.quantize_(rows[0], row0=i)
+            else: m.quantize_(rows[0].to(dtype), row0=i)  # rounded to dtype first, as loading then quantizing does
         if not saved and m.bias is not None: m.bias.copy_(infos[f"{name}.bias"].read())
     quantized = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for k in m.portable_specs()}
     for k in specs.keys() - quantized:

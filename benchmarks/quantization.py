@@ -291,29 +291,37 @@ def full_table(f: dict) -> str:
     return "\n".join(L)
 
 
+def _paired_runs(res: dict) -> list:
+    "(label, paired results) of the full-size runs kept, oldest first: the one before (when kept) and the latest."
+    runs = [res["full_previous"]] if res.get("full_previous") else []
+    runs += [res["full"]] if res.get("full", {}).get("paired") else []
+    return [(f"{'AB'[i] if len(runs) == 2 else 'A'} ({r['date'][-9:]})", r["paired"]) for i, r in enumerate(runs)]
+
+
 def targets_table(res: dict) -> str:
-    "Each target and the measured value."
+    "Each target and the measured value, in every full-size run kept and at every thread count."
     L = ["| target | measured | met? |", "|---|---|---|"]
     yes = lambda ok: "**yes**" if ok else "no"
-    f = res.get("full")
-    if f and {f"{q}@{t}" for q in ("bf16", "int8", "int4") for t in (res["threads"], 1)} <= set(f["paired"]):
-        th = res["threads"]
-        P = lambda q, t=th: f["paired"][f"{q}@{t}"]
+    runs = [(d, p) for d, p in _paired_runs(res) if all(f"{q}@1" in p for q in ("bf16", "int8", "int4"))]
+    if runs:
+        f, th = res["full"], res["threads"]
         rss4 = max(f["onload"]["int4"]["peak_rss_gb"], f["memory"]["ours_int4"]["peak_rss_gb"])
-        d4, d8 = _med(P("int4")["decode_x"]), _med(P("int8")["decode_x"])
-        d4_1, d8_1 = _med(P("int4", 1)["decode_x"]), _med(P("int8", 1)["decode_x"])
-        p4, p8 = (_med(P(q)["prefill_x"]) / _med(P("bf16")["prefill_x"]) for q in ("int4", "int8"))
-        h4, h8 = (_med(P(q)["prefill_x"]) for q in ("int4", "int8"))
-        L += [f"| full size: peak RSS over load + generation, int4 <= {TARGETS['rss_int4_gb']} GB | {rss4:.2f} GB (quantized while "
-              f"loading: {f['onload']['int4']['peak_rss_gb']:.2f}; saved int4: {f['memory']['ours_int4']['peak_rss_gb']:.2f}) | "
-              f"{yes(rss4 <= TARGETS['rss_int4_gb'])} |",
-              f"| full size: decode batch 1, int4 >= {TARGETS['decode_int4_x']}x transformers bf16 (its faster path) | {d4:.2f}x "
-              f"({th} threads), {d4_1:.2f}x (1 thread) | {yes(min(d4, d4_1) >= TARGETS['decode_int4_x'])} |",
-              f"| full size: decode batch 1, int8 >= {TARGETS['decode_int8_x']}x | {d8:.2f}x ({th} threads), {d8_1:.2f}x (1 thread) | "
-              f"{yes(min(d8, d8_1) >= TARGETS['decode_int8_x'])} |",
-              f"| full size: prefill at most {TARGETS['prefill_slowdown']:.1f}x bf16 ({th} threads) | int4 {p4:.2f}x ours bf16, "
-              f"{h4:.2f}x transformers; int8 {p8:.2f}x, {h8:.2f}x | int4 {yes(max(p4, h4) <= TARGETS['prefill_slowdown'])}, "
-              f"int8 {yes(max(p8, h8) <= TARGETS['prefill_slowdown'])} |"]
+        L.append(f"| full size: peak RSS over load + generation, int4 <= {TARGETS['rss_int4_gb']} GB | {rss4:.2f} GB (quantized while "
+                 f"loading: {f['onload']['int4']['peak_rss_gb']:.2f}; saved int4: {f['memory']['ours_int4']['peak_rss_gb']:.2f}) | "
+                 f"{yes(rss4 <= TARGETS['rss_int4_gb'])} |")
+        def row(name, fn, ok):
+            vals = {(d, t): fn(p, t) for d, p in runs for t in (th, 1)}
+            text = "; ".join(f"run {d}: " + " / ".join(f"{vals[d, t]:.2f}x" for t in (th, 1)) for d, _ in runs)
+            bad = [f"run {d[0]}, {t} thread{'s' if t != 1 else ''}" for (d, t), v in vals.items() if not ok(v)]
+            met = "**yes**" if not bad else "no" if len(bad) == len(vals) else f"in {len(vals) - len(bad)} of {len(vals)} (not: {', '.join(bad)})"
+            L.append(f"| {name} | {text} ({th} threads / 1 thread) | {met} |")
+        for q, tgt in (("int4", TARGETS["decode_int4_x"]), ("int8", TARGETS["decode_int8_x"])):
+            row(f"full size: decode batch 1, {q} >= {tgt}x transformers bf16 (its faster path)",
+                lambda p, t: _med(p[f"{q}@{t}"]["decode_x"]), lambda v: v >= tgt)
+        for q in ("int8", "int4"):
+            row(f"full size: prefill, {q} at most {TARGETS['prefill_slowdown']:.1f}x ours bf16",
+                lambda p, t: _med(p[f"{q}@{t}"]["prefill_x"]) / _med(p[f"bf16@{t}"]["prefill_x"]),
+                lambda v: v <= TARGETS["prefill_slowdown"])
     acc = res.get("accuracy")
     if acc:
         d8 = min(r["int8"] - r["float"] for r in acc["table"].values())
@@ -333,7 +341,11 @@ def write_report(out: Path, res: dict) -> Path:
               f"Memory: each configuration in its own process, {res['threads']} threads, loading then prefill and {f['new_tokens']} "
               f"greedy tokens at batch 1. Speed: paired runs (one process holds transformers' bf16 model and one of ours and "
               f"alternates, order rotating), {f['rounds']} rounds of prefills and of {f['paired_new_tokens']}-token generations; ratio columns: median "
-              f"over rounds (min-max). Load during the run: {res.get('load_note', 'n/a')}.", "", f["table_md"], ""]
+              f"over rounds (min-max). Load during the run: {f.get('load_note', 'n/a')}.", "", f["table_md"], ""]
+        if "full_previous" in res:
+            pv = res["full_previous"]
+            L += [f"Speed in the run before, run A ({pv['date']}; {pv['load_note']}); the tables above are run B:", "",
+                  pv["table_md"].split("\n\n")[-1], ""]
     if "accuracy" in res:
         acc = res["accuracy"]
         L += [f"## Bundled model, {acc['n_per_task']} held-out scenes per task (`{acc['command']}`)", "",
@@ -401,12 +413,15 @@ def main(argv=None):
                 cfg = bench.tiny_config()
                 folder = out / "tiny-bf16"
             else: cfg, folder = bench.full_config(), Path(a.folder)
+            previous = res.get("full")
             res["full"] = run_full(a, folder, cfg)
             res["full"]["table_md"] = full_table(res["full"])
             res["full"]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             l1 = os.getloadavg()
-            res["load_note"] = (f"a shared machine: 1/5/15-min load average {'/'.join(f'{x:.1f}' for x in l0)} at the start, "
-                                f"{'/'.join(f'{x:.1f}' for x in l1)} at the end ({os.cpu_count()} logical CPUs)")
+            res["full"]["load_note"] = (f"1/5/15-min load average {'/'.join(f'{x:.1f}' for x in l0)} at the start, "
+                                        f"{'/'.join(f'{x:.1f}' for x in l1)} at the end ({os.cpu_count()} logical CPUs, shared)")
+            if previous and previous.get("paired") and not a.quick:  # the machine is shared: keep the run before for comparison
+                res["full_previous"] = {k: previous[k] for k in ("date", "load_note", "paired", "table_md") if k in previous}
     res["targets_md"] = targets_table(res)
     path.write_text(json.dumps(res, indent=1, default=str))
     print(write_report(out, res).read_text())

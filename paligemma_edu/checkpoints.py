@@ -138,7 +138,7 @@ def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
     if quantize is not None or "quantization_config" in json.loads(cfg_file.read_text()):  # see 20_quantization
-        from .quantization import from_pretrained_quantized
+        from paligemma_edu.quantization import from_pretrained_quantized
         return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
     cfg = PaliGemmaConfig.from_json_file(cfg_file)
     cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
@@ -163,7 +163,7 @@ def to_published_key(k: str) -> str:
 def save_pretrained(self, folder, processor=None):
     "Write config.json + model.safetensors (published key layout); the processor too if given."
     if getattr(self, "quantization", None) is not None:  # quantized layers have their own layout (20_quantization)
-        from .quantization import save_quantized
+        from paligemma_edu.quantization import save_quantized
         return save_quantized(self, folder, processor)
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))

@@ -17,7 +17,13 @@ rotating), and the ratios of each round are reported (median over rounds), at --
 Each run of a section replaces that section of quantization.json and keeps the others.
 """
 from __future__ import annotations
-import argparse, json, os, statistics, subprocess, sys, time
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +87,8 @@ def worker(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401
+    import paligemma_edu.checkpoints
+    import paligemma_edu.generate  # noqa: F401
     if a.impl.startswith("hf"):
         import transformers  # noqa: F401  (imported before the baseline, like ours)
     base = peak_rss_gb()
@@ -111,7 +118,8 @@ def worker_paired(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401
+    import paligemma_edu.checkpoints
+    import paligemma_edu.generate  # noqa: F401
     cfg = json.loads((Path(a.folder) / "config.json").read_text())
     hf = bench.load("hf_eager", a.folder, torch.bfloat16)
     ours = PaliGemmaForConditionalGeneration.from_pretrained(a.model, dtype="bfloat16")
@@ -138,9 +146,11 @@ def worker_paired(a) -> dict:
 # ----------------------------------------------------------------------------------------------------- sections
 def run_accuracy(a) -> dict:
     "Bundled model, float32 activations: float, int8, int4 on every task of the held-out set."
-    import copy, torch
+    import copy
+    import torch
     from paligemma_edu.quantization import quantize
-    from paligemma_edu.train import load_bundled_model, evaluate_model
+    from paligemma_edu.bundled import load_bundled_model
+    from paligemma_edu.train import evaluate_model
     torch.set_num_threads(a.threads)
     model, processor = load_bundled_model()
     n = 5 if a.quick else a.n
@@ -155,15 +165,18 @@ def run_accuracy(a) -> dict:
     table = {f"{t} ({'boxes found, IoU >= 0.5' if t == 'detect' else 'exact match'})":
              {k: res[k][t][metric(t)] for k in res} for t in res["float"]}
     return dict(n_per_task=n, table=table, metrics=res, seconds=secs, activations="float32",
-                command=f"python benchmarks/quantization.py --accuracy" + (" --quick" if a.quick else ""))
+                command="python benchmarks/quantization.py --accuracy" + (" --quick" if a.quick else ""))
 
 
 def run_tiny(a) -> dict:
     "A tiny random transformers PaliGemma (float32): ours in float / int8 / int4 against it, logits and greedy tokens."
-    import tempfile, torch, transformers
+    import tempfile
+    import torch
+    import transformers
     from transformers import PaliGemmaForConditionalGeneration as HF, PaliGemmaConfig as HFConfig
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401
+    import paligemma_edu.checkpoints
+    import paligemma_edu.generate  # noqa: F401
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(a.threads)
     cfg = dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -190,7 +203,8 @@ def run_tiny(a) -> dict:
                 tok = m.generate(inp["input_ids"], inp["pixel_values"], inp["attention_mask"], inp["token_type_ids"],
                                  max_new_tokens=n_new, eos_token_id=[])[:, ids.shape[1]:]
                 first = [(r != s).nonzero()[0].item() if (r != s).any() else n_new for r, s in zip(tok, ref_tok)]
-                rows.append(dict(seed=seed, weights=q or "float32", rel_logits_err=((z - ref).abs().max() / ref.abs().max()).item(),
+                err = ((z - ref).abs().max() / ref.abs().max()).item()
+                rows.append(dict(seed=seed, weights=q or "float32", rel_logits_err=err,
                                  last_argmax_equal=(z[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).float().mean().item(),
                                  tokens_equal=(tok == ref_tok).float().mean().item(),
                                  tokens_before_first_difference=statistics.mean(first)))
@@ -204,7 +218,7 @@ def run_tiny(a) -> dict:
 
 
 def run_kernels(a) -> dict:
-    "One N x K matrix times M rows of activations in every format (formats interleaved, median of repetitions), at --threads and 1 thread."
+    "One N x K matrix times M rows of activations in every format (interleaved, median of repetitions), at --threads and 1."
     import torch
     from paligemma_edu.quantization import QuantLinear
     N, K = (1024, 512) if a.quick else (16384, 2048)
@@ -239,7 +253,8 @@ def run_full(a, folder: Path, cfg: dict) -> dict:
     onload = {}
     for q, d in qdirs.items():  # quantize while loading the bf16 folder, generate, save (reused by the runs below)
         onload[q] = spawn(a, impl=f"ours_{q}_onload", model=folder, quantize=q, reps=1, new_tokens=new, save=d)
-        print(f"  {q} quantized while loading: {onload[q]['load_s']:.1f} s, peak RSS {onload[q]['peak_rss_gb']:.2f} GB", flush=True)
+        o = onload[q]
+        print(f"  {q} quantized while loading: {o['load_s']:.1f} s, peak RSS {o['peak_rss_gb']:.2f} GB", flush=True)
     mem_impls = {"ours_bf16": folder, "ours_int8": qdirs["int8"], "ours_int4": qdirs["int4"]}
     if not a.quick: mem_impls |= {"hf_eager": folder, "hf_sdpa": folder}
     memory = {}
@@ -248,7 +263,8 @@ def run_full(a, folder: Path, cfg: dict) -> dict:
         print(f"  {k}: peak RSS {memory[k]['peak_rss_gb']:.2f} GB, load {memory[k]['load_s']:.1f} s", flush=True)
     paired = {}
     for threads in [a.threads] if a.quick else dict.fromkeys([a.threads, 1]):
-        for q, d in [("int4", qdirs["int4"])] if a.quick else [("bf16", folder), ("int8", qdirs["int8"]), ("int4", qdirs["int4"])]:
+        configs = [("bf16", folder), ("int8", qdirs["int8"]), ("int4", qdirs["int4"])]
+        for q, d in configs[2:] if a.quick else configs:
             a2 = argparse.Namespace(**{**vars(a), "threads": threads})
             r = paired[f"{q}@{threads}"] = spawn(a2, impl="paired", model=d, folder=folder, quantize=q, reps=a.rounds,
                                                  new_tokens=new if a.quick else 16)
@@ -269,8 +285,10 @@ def full_table(f: dict) -> str:
     m, o = f["memory"], f["onload"]
     L = ["| configuration | weights on disk (GB) | peak RSS, load + generate (GB) | load (s) |", "|---|---|---|---|"]
     for k in ("hf_eager", "hf_sdpa"):
-        if k in m: L.append(f"| transformers bf16 ({k[3:]}) | {f['bf16_gb']:.2f} | {m[k]['peak_rss_gb']:.2f} | {m[k]['load_s']:.1f} |")
-    L.append(f"| ours bf16 (memory-mapped) | {f['bf16_gb']:.2f} | {m['ours_bf16']['peak_rss_gb']:.2f} | {m['ours_bf16']['load_s']:.1f} |")
+        if k in m:
+            L.append(f"| transformers bf16 ({k[3:]}) | {f['bf16_gb']:.2f} | {m[k]['peak_rss_gb']:.2f} | {m[k]['load_s']:.1f} |")
+    b = m["ours_bf16"]
+    L.append(f"| ours bf16 (memory-mapped) | {f['bf16_gb']:.2f} | {b['peak_rss_gb']:.2f} | {b['load_s']:.1f} |")
     for q in ("int8", "int4"):
         L.append(f"| ours {q}, saved quantized checkpoint | {f['quantized_gb'][q]:.2f} | {m[f'ours_{q}']['peak_rss_gb']:.2f} | "
                  f"{m[f'ours_{q}']['load_s']:.1f} |")
@@ -278,7 +296,8 @@ def full_table(f: dict) -> str:
                  f"{o[q]['load_s']:.1f} |")
     if not f["paired"]: return "\n".join(L)
     L += ["", "| ours | threads | decode b1 tok/s: ours / HF eager / HF sdpa | decode: ours / faster HF | "
-          "prefill s: ours / HF eager / HF sdpa | prefill: ours / faster HF | prefill: ours / ours bf16 |", "|---|---|---|---|---|---|---|"]
+          "prefill s: ours / HF eager / HF sdpa | prefill: ours / faster HF | prefill: ours / ours bf16 |",
+          "|---|---|---|---|---|---|---|"]
     for key, r in f["paired"].items():
         q, th = key.split("@")
         d, p = r["decode_tok_s"], r["prefill_s"]
@@ -306,14 +325,15 @@ def targets_table(res: dict) -> str:
     if runs:
         f, th = res["full"], res["threads"]
         rss4 = max(f["onload"]["int4"]["peak_rss_gb"], f["memory"]["ours_int4"]["peak_rss_gb"])
-        L.append(f"| full size: peak RSS over load + generation, int4 <= {TARGETS['rss_int4_gb']} GB | {rss4:.2f} GB (quantized while "
-                 f"loading: {f['onload']['int4']['peak_rss_gb']:.2f}; saved int4: {f['memory']['ours_int4']['peak_rss_gb']:.2f}) | "
-                 f"{yes(rss4 <= TARGETS['rss_int4_gb'])} |")
+        on_load, saved = f["onload"]["int4"]["peak_rss_gb"], f["memory"]["ours_int4"]["peak_rss_gb"]
+        L.append(f"| full size: peak RSS over load + generation, int4 <= {TARGETS['rss_int4_gb']} GB | {rss4:.2f} GB (quantized "
+                 f"while loading: {on_load:.2f}; saved int4: {saved:.2f}) | {yes(rss4 <= TARGETS['rss_int4_gb'])} |")
         def row(name, fn, ok):
             vals = {(d, t): fn(p, t) for d, p in runs for t in (th, 1)}
             text = "; ".join(f"run {d}: " + " / ".join(f"{vals[d, t]:.2f}x" for t in (th, 1)) for d, _ in runs)
             bad = [f"run {d[0]}, {t} thread{'s' if t != 1 else ''}" for (d, t), v in vals.items() if not ok(v)]
-            met = "**yes**" if not bad else "no" if len(bad) == len(vals) else f"in {len(vals) - len(bad)} of {len(vals)} (not: {', '.join(bad)})"
+            met = ("**yes**" if not bad else "no" if len(bad) == len(vals) else
+                   f"in {len(vals) - len(bad)} of {len(vals)} (not: {', '.join(bad)})")
             L.append(f"| {name} | {text} ({th} threads / 1 thread) | {met} |")
         for q, tgt in (("int4", TARGETS["decode_int4_x"]), ("int8", TARGETS["decode_int8_x"])):
             row(f"full size: decode batch 1, {q} >= {tgt}x transformers bf16 (its faster path)",
@@ -337,10 +357,13 @@ def write_report(out: Path, res: dict) -> Path:
     L = ["# Quantization benchmark results", "", f"Machine: {res.get('machine', {})}", ""]
     if "full" in res:
         f = res["full"]
-        L += [f"## {'Quick run, tiny shapes' if f['new_tokens'] < NEW_TOKENS else 'Full size'} ({f['config']}), random bf16 weights", "",
-              f"Memory: each configuration in its own process, {res['threads']} threads, loading then prefill and {f['new_tokens']} "
+        title = "Quick run, tiny shapes" if f["new_tokens"] < NEW_TOKENS else "Full size"
+        L += [f"## {title} ({f['config']}), random bf16 weights", "",
+              f"Memory: each configuration in its own process, {res['threads']} threads, loading then prefill and "
+              f"{f['new_tokens']} "
               f"greedy tokens at batch 1. Speed: paired runs (one process holds transformers' bf16 model and one of ours and "
-              f"alternates, order rotating), {f['rounds']} rounds of prefills and of {f['paired_new_tokens']}-token generations; ratio columns: median "
+              f"alternates, order rotating), {f['rounds']} rounds of prefills and of {f['paired_new_tokens']}-token generations; "
+              f"ratio columns: median "
               f"over rounds (min-max). Load during the run: {f.get('load_note', 'n/a')}.", "", f["table_md"], ""]
         if "full_previous" in res:
             pv = res["full_previous"]
@@ -351,21 +374,26 @@ def write_report(out: Path, res: dict) -> Path:
         L += [f"## Bundled model, {acc['n_per_task']} held-out scenes per task (`{acc['command']}`)", "",
               "| task (metric) | float | int8 | int4 |", "|---|---|---|---|"]
         for t, r in acc["table"].items():
-            L.append(f"| {t} | {r['float']:.1%} | {r['int8']:.1%} ({r['int8'] - r['float']:+.1%}) | {r['int4']:.1%} ({r['int4'] - r['float']:+.1%}) |")
+            d8, d4 = r["int8"] - r["float"], r["int4"] - r["float"]
+            L.append(f"| {t} | {r['float']:.1%} | {r['int8']:.1%} ({d8:+.1%}) | {r['int4']:.1%} ({d4:+.1%}) |")
         L.append("")
     if "tiny" in res:
         t = res["tiny"]
         L += [f"## Tiny random transformers checkpoint (`{t['command']}`)", "",
               f"Medians over {len(t['rows']) // 3} random models; batch {t['batch']}, {t['new_tokens']} greedy tokens.", "",
-              "| weights | max abs logits error / max abs logit | last-position argmax equal | greedy tokens equal | tokens before the first difference |",
+              "| weights | max abs logits error / max abs logit | last-position argmax equal | greedy tokens equal "
+              "| tokens before the first difference |",
               "|---|---|---|---|---|"]
         for w, s in t["summary"].items():
-            L.append(f"| {w} | {s['rel_logits_err']:.2e} | {s['last_argmax_equal']:.0%} | {s['tokens_equal']:.0%} | {s['tokens_before_first_difference']:.1f} |")
+            L.append(f"| {w} | {s['rel_logits_err']:.2e} | {s['last_argmax_equal']:.0%} | {s['tokens_equal']:.0%} | "
+                     f"{s['tokens_before_first_difference']:.1f} |")
         L.append("")
     if "kernels" in res:
         k = res["kernels"]
-        L += [f"## One {k['shape'][0]}x{k['shape'][1]} matrix (ms, median; int4 group {k['group_size']}; activations {k['activations']})", "",
-              "| threads, rows | " + " | ".join(next(iter(k["ms"].values()))) + " |", "|---" * (1 + len(next(iter(k["ms"].values())))) + "|"]
+        cols = list(next(iter(k["ms"].values())))
+        L += [f"## One {k['shape'][0]}x{k['shape'][1]} matrix (ms, median; int4 group {k['group_size']}; "
+              f"activations {k['activations']})", "",
+              "| threads, rows | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
         for M, r in k["ms"].items(): L.append(f"| {M} | " + " | ".join(f"{v:.2f}" for v in r.values()) + " |")
         L.append("")
     L += ["## Targets", "", targets_table(res), ""]
@@ -396,7 +424,9 @@ def main(argv=None):
     if not a.report_only:
         if a.quick and not (a.accuracy or a.tiny or a.kernels or a.full): a.accuracy = a.tiny = a.kernels = a.full = True
         if a.quick: a.rounds = 1
-        import platform, torch, transformers
+        import platform
+        import torch
+        import transformers
         res["machine"] = dict(cpu=next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                                         if l.startswith("model name")), platform.processor()), logical_cpus=os.cpu_count(),
                               torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),

@@ -1,20 +1,37 @@
 """CPU benchmarks of paligemma_edu against transformers on the same random weights.
 
     python benchmarks/run.py [--sizes tiny,mid] [--full] [--out benchmarks/results] [--quick] [--rounds R] [--reps N]
-                             [--threads 2] [--report-only]
+                             [--threads 2] [--impls ours,ours_compiled,...] [--report-only]
+
+Implementations: ours (the eager loop), ours_static (generate(compile="static"): the fixed-shape step, not compiled),
+ours_compiled (generate(compile=True): the fixed-shape step under torch.compile; its first call, compile included, is
+reported separately), hf_eager and hf_sdpa (transformers).
 
 Every measurement runs in its own subprocess (`--worker ...`), implementations alternate round by round, each
 measurement has a warm-up and the median of several repetitions is reported. Weights: one random model per size,
 written with our `save_pretrained` to a temporary folder, loaded by every process (ours and transformers).
 """
 from __future__ import annotations
-import argparse, json, os, platform, resource, statistics, subprocess, sys, tempfile, time
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-IMPLS = ("ours", "hf_eager", "hf_sdpa")
+IMPLS = ("ours", "ours_static", "ours_compiled", "hf_eager", "hf_sdpa")
+FAST = {"ours_static": "static", "ours_compiled": True}  # generate(compile=...) of our fast paths (True: torch.compile)
+NAMES = {"ours": "ours", "ours_static": "ours static", "ours_compiled": "ours compiled", "hf_eager": "HF eager",
+         "hf_sdpa": "HF sdpa"}
 LOAD_KEYS = ("load_s", "peak_rss_delta_mb", "rss_after_mb", "params_mb")
 PROMPT_LEN = 8  # text tokens after the image tokens (bos + 6 words + "\n")
 
@@ -130,9 +147,8 @@ def make_inputs(cfg: dict, batch: int, dtype, seed=0):
 
 
 def load(impl: str, folder: str, dtype):
-    if impl == "ours":
+    if impl.startswith("ours"):
         from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-        import paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401  (attach from_pretrained / generate)
         return PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device="cpu").eval()
     import transformers
     transformers.logging.set_verbosity_error()
@@ -156,11 +172,11 @@ class Clock:
 def timed_generate(impl, model, inp, n_new):
     "(ttft_s, total_s, per-token timestamps relative to the start) for one greedy generation of exactly n_new tokens."
     import torch
-    clock = Clock(skip_first_put=impl != "ours")
+    clock = Clock(skip_first_put=not impl.startswith("ours"))
     t0 = time.perf_counter()
-    if impl == "ours":
+    if impl.startswith("ours"):
         out = model.generate(inp["input_ids"], inp["pixel_values"], inp["attention_mask"], inp["token_type_ids"],
-                             max_new_tokens=n_new, eos_token_id=[], streamer=clock)
+                             max_new_tokens=n_new, eos_token_id=[], streamer=clock, compile=FAST.get(impl, False))
     else:
         with torch.inference_mode():
             out = model.generate(**inp, max_new_tokens=n_new, do_sample=False, streamer=clock)
@@ -173,7 +189,7 @@ def timed_generate(impl, model, inp, n_new):
 def prefill(impl, model, inp):
     import torch
     with torch.inference_mode():
-        if impl == "ours":
+        if impl.startswith("ours"):
             B, T = inp["input_ids"].shape
             cache = model.new_cache(B, T + 1)
             return model(inp["input_ids"], inp["pixel_values"], inp["attention_mask"], inp["token_type_ids"],
@@ -199,7 +215,7 @@ def med_time(fn, reps, warmup=1):
 # ----------------------------------------------------------------------------------------------------- workers
 def worker_speed(a):
     "Prefill latency, TTFT and decode tokens/s at batch 1 and 8 for one implementation."
-    torch = _torch(a.threads)
+    _torch(a.threads)  # sets the thread count
     dtype = _dtype(a.dtype)
     cfg = json.loads((Path(a.model) / "config.json").read_text())
     res = load_stats(a.impl, a.model, dtype)  # a fresh process: the checkpoint load is measured first
@@ -208,7 +224,9 @@ def worker_speed(a):
     res["prefill_s"], res["prefill_all"] = med_time(lambda: prefill(a.impl, model, inp1), a.reps)
     for B in (1, 8):
         inp = make_inputs(cfg, B, dtype)
-        timed_generate(a.impl, model, inp, min(4, a.new_tokens))  # warm-up
+        t0 = time.perf_counter()  # warm-up; for the compiled path the first call compiles (same length bucket)
+        timed_generate(a.impl, model, inp, a.new_tokens if a.impl in FAST else min(4, a.new_tokens))
+        if a.impl in FAST: res[f"first_call_b{B}_s"] = time.perf_counter() - t0
         ttft, dec = [], []
         for _ in range(a.reps):
             t_first, total, _ = timed_generate(a.impl, model, inp, a.new_tokens)
@@ -250,11 +268,10 @@ def worker_curve(a):
 
 def load_stats(impl, folder, dtype):
     "Checkpoint load time and the peak-RSS increase it causes (call first thing in a fresh process)."
-    if impl == "ours":
-        import paligemma_edu.paligemma, paligemma_edu.checkpoints, paligemma_edu.generate  # noqa: F401
+    if impl.startswith("ours"):
+        importlib.import_module("paligemma_edu.checkpoints")  # before the clock starts: load time excludes imports
     else:
-        import transformers  # noqa: F401
-        from transformers import PaliGemmaForConditionalGeneration  # noqa: F401
+        importlib.import_module("transformers.models.paligemma")
     import gc; gc.collect()
     reset = reset_peak_rss()  # else fall back to ru_maxrss, which the imports may already have pushed higher
     base_peak, base_rss = (current_rss_mb("VmHWM") if reset else peak_rss_mb()), current_rss_mb()
@@ -284,7 +301,24 @@ def worker_ceilings(a):
     return out
 
 
-WORKERS = dict(speed=worker_speed, curve=worker_curve, ceilings=worker_ceilings)
+def worker_ab(a):
+    "Decode tok/s (batch --batch) of several implementations in ONE process, alternating run by run: a robust ratio."
+    _torch(a.threads)  # sets the thread count
+    dtype = _dtype(a.dtype)
+    cfg = json.loads((Path(a.model) / "config.json").read_text())
+    impls = [i for i in a.impls.split(",") if i]
+    models = {i: load(i, a.model, dtype) for i in impls}
+    inp = make_inputs(cfg, a.batch, dtype)
+    for i in impls: timed_generate(i, models[i], inp, a.new_tokens)  # warm-up (compiles the compiled path)
+    rates = {i: [] for i in impls}
+    for r in range(a.reps):
+        for i in (impls if r % 2 == 0 else impls[::-1]):
+            t_first, total, _ = timed_generate(i, models[i], inp, a.new_tokens)
+            rates[i].append((a.new_tokens - 1) * a.batch / (total - t_first))
+    return dict(rates=rates, median={i: statistics.median(v) for i, v in rates.items()})
+
+
+WORKERS = dict(speed=worker_speed, curve=worker_curve, ceilings=worker_ceilings, ab=worker_ab)
 
 
 def spawn(kind, args, **kw) -> dict:
@@ -294,7 +328,8 @@ def spawn(kind, args, **kw) -> dict:
     for k, v in kw.items(): cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory() as cache:  # a cold torch.compile cache: the first call is a user's first call
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env | {"TORCHINDUCTOR_CACHE_DIR": cache})
     if r.returncode:
         raise RuntimeError(f"worker {kind} {kw} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -351,7 +386,8 @@ def plot_ratios(rows: dict, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metrics = [("decode_b1_tok_s", "decode b1"), ("decode_b8_tok_s", "decode b8"), ("prefill_s", "prefill"), ("ttft_b1_s", "TTFT")]
+    metrics = [("decode_b1_tok_s", "decode b1"), ("decode_b8_tok_s", "decode b8"), ("prefill_s", "prefill"),
+               ("ttft_b1_s", "TTFT")]
     fig, ax = plt.subplots(figsize=(5.5, 3), dpi=80)
     w = 0.8 / (2 * len(rows))
     for i, (size, r) in enumerate(rows.items()):
@@ -370,7 +406,8 @@ def fmt(x, p=3):
 
 
 def machine() -> dict:
-    import torch, transformers
+    import torch
+    import transformers
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
     return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch=torch.__version__, transformers=transformers.__version__,
@@ -385,12 +422,15 @@ def write_report(out: Path, info: dict) -> Path:
          f"- CPU: {m['cpu']} ({m['logical_cpus']} logical CPUs visible), torch threads = {info['threads']}",
          f"- torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['date']}",
          f"- Load on the machine during the run: {info.get('load_note', 'n/a')}",
-         f"- Each figure: median over {info['rounds']} alternating rounds x {info['reps']} repetitions{tiny_reps}, after a warm-up; "
-         f"every implementation in its own process; decode forced to exactly {info['new_tokens']} new tokens.", "",
+         f"- Each figure: median over {info['rounds']} alternating rounds x {info['reps']} repetitions{tiny_reps}, "
+         f"after a warm-up; every implementation in its own process; "
+         f"decode forced to exactly {info['new_tokens']} new tokens.", "",
          "## Ceilings", "",
          "| | float32 | bfloat16 |", "|---|---|---|",
-         f"| memory bandwidth (GB/s, {ceil['gemv_n']}x{ceil['gemv_n']} matrix @ vector) | {fmt(ceil['bw_float32_GBps'])} | {fmt(ceil['bw_bfloat16_GBps'])} |",
-         f"| matmul (GFLOP/s, {ceil['gemm_n']}^3 GEMM) | {fmt(ceil['gemm_float32_GFLOPs'])} | {fmt(ceil['gemm_bfloat16_GFLOPs'])} |", ""]
+         f"| memory bandwidth (GB/s, {ceil['gemv_n']}x{ceil['gemv_n']} matrix @ vector) | {fmt(ceil['bw_float32_GBps'])} | "
+         f"{fmt(ceil['bw_bfloat16_GBps'])} |",
+         f"| matmul (GFLOP/s, {ceil['gemm_n']}^3 GEMM) | {fmt(ceil['gemm_float32_GFLOPs'])} | "
+         f"{fmt(ceil['gemm_bfloat16_GFLOPs'])} |", ""]
     for size, s in info["sizes"].items():
         c, cnt = s["config"], s["counts"]
         t, v = c["text_config"], c["vision_config"]
@@ -398,28 +438,39 @@ def write_report(out: Path, info: dict) -> Path:
               f"Config: {c.get('_source', '')}. Vision {v['hidden_size']}x{v['num_hidden_layers']} (patch {v['patch_size']}, "
               f"image {v['image_size']}: {s['n_image_tokens']} image tokens), text {t['hidden_size']}x{t['num_hidden_layers']}, "
               f"{t['num_attention_heads']} heads / {t['num_key_value_heads']} kv head, head_dim {t['head_dim']}, "
-              f"MLP {t['intermediate_size']}, vocab {t['vocab_size']}. Prompt = {s['n_image_tokens']} image + {PROMPT_LEN} text tokens.", "",
-              "| metric | ours | HF eager | HF sdpa | ours / HF eager | ours / HF sdpa | ours vs ceiling |",
-              "|---|---|---|---|---|---|---|"]
+              f"MLP {t['intermediate_size']}, vocab {t['vocab_size']}. "
+              f"Prompt = {s['n_image_tokens']} image + {PROMPT_LEN} text tokens.", "",
+              "| metric | " + " | ".join(NAMES[i] for i in IMPLS) + " | ours / HF eager | ours / HF sdpa | "
+              "compiled / faster HF | ours vs ceiling |", "|---" * (len(IMPLS) + 5) + "|"]
         r = s["results"]
-        for key, name, unit in (("prefill_s", "prefill latency, batch 1", "ms"), ("ttft_b1_s", "time to first token, batch 1", "ms"),
+        hfs = [h for h in ("hf_eager", "hf_sdpa") if h in r]
+        for key, name, unit in (("prefill_s", "prefill latency, batch 1", "ms"),
+                                ("ttft_b1_s", "time to first token, batch 1", "ms"),
                                 ("ttft_b8_s", "time to first token, batch 8", "ms"),
-                                ("decode_b1_tok_s", "decode, batch 1", "tok/s"), ("decode_b8_tok_s", "decode, batch 8", "tok/s")):
-            vals = [r[i][key] if i in r else None for i in IMPLS]  # HF has no sdpa path for Gemma 2
-            show = [x * 1e3 if unit == "ms" and x is not None else x for x in vals]
-            # ratio reported as a speed-up of ours (>1 = ours faster) for both latencies and throughputs
-            sp = ["n/a" if x is None else f"{vals[0] / x if unit == 'tok/s' else x / vals[0]:.2f}x" for x in vals[1:]]
-            show = ["n/a" if x is None else fmt(x) for x in show]
+                                ("decode_b1_tok_s", "decode, batch 1", "tok/s"), ("decode_b8_tok_s", "decode, batch 8", "tok/s"),
+                                ("first_call_b1_s", "first call, batch 1 (compile included)", "s"),
+                                ("first_call_b8_s", "first call, batch 8 (compile included)", "s")):
+            vals = {i: r[i].get(key) for i in IMPLS if i in r}  # HF has no sdpa path for Gemma 2
+            if all(v is None for v in vals.values()): continue
+            # ratios reported as a speed-up (>1 = ours faster) for both latencies and throughputs
+            up = lambda a, b: "n/a" if a is None or b is None else f"{a / b if unit == 'tok/s' else b / a:.2f}x"
+            best = (max if unit == "tok/s" else min)((vals[h] for h in hfs if vals.get(h) is not None), default=None)
+            show = ["n/a" if vals.get(i) is None else fmt(vals[i] * 1e3 if unit == "ms" else vals[i]) for i in IMPLS]
             roof = s["roofline"].get(key)
-            L.append(f"| {name} ({unit}) | {show[0]} | {show[1]} | {show[2]} | {sp[0]} | {sp[1]} | "
+            L.append(f"| {name} ({unit}) | " + " | ".join(show) + f" | {up(vals.get('ours'), vals.get('hf_eager'))} | "
+                     f"{up(vals.get('ours'), vals.get('hf_sdpa'))} | {up(vals.get('ours_compiled'), best)} | "
                      f"{'' if roof is None else f'{roof:.0%}'} |")
         ld = s["load"]
         for key, name in (("load_s", "checkpoint load (s)"), ("peak_rss_delta_mb", "peak RSS increase while loading (MiB)"),
                           ("rss_after_mb", "RSS increase after loading (MiB)")):
-            vals = [ld[i][key] if i in ld else None for i in IMPLS]
-            rt = [f"{x / vals[0]:.2f}x" if x is not None and vals[0] > 0 else "n/a" for x in vals[1:]]
-            L.append(f"| {name} | {fmt(vals[0])} | {fmt(vals[1])} | {fmt(vals[2]) if vals[2] is not None else 'n/a'} | {rt[0]} | {rt[1]} | "
-                     f"weights {ld['ours']['params_mb']:.0f} MiB |")
+            vals = {i: ld[i][key] for i in IMPLS if i in ld}
+            rt = [f"{vals[h] / vals['ours']:.2f}x" if h in vals and vals["ours"] > 0 else "n/a" for h in ("hf_eager", "hf_sdpa")]
+            L.append(f"| {name} | " + " | ".join(fmt(vals[i]) if i in vals else "n/a" for i in IMPLS) +
+                     f" | {rt[0]} | {rt[1]} |  | weights {ld['ours']['params_mb']:.0f} MiB |")
+        if s.get("decode_roofline_share"):
+            share = json.loads(json.dumps(s["decode_roofline_share"]))  # batch keys as strings, as read back from results.json
+            L += ["", "Decode as a share of the bandwidth roofline (batch 1 / batch 8): " + ", ".join(
+                f"{NAMES[i]} {v['1']:.0%} / {v['8']:.0%}" for i, v in share.items()) + "."]
         cv = s.get("curve")
         if cv:
             cached = cv["cached"]
@@ -431,7 +482,9 @@ def write_report(out: Path, info: dict) -> Path:
                       + ", ".join(f"L={k}: {v * 1e3:.1f} ms" for k, v in cv["nocache"].items()) + "."]
         L.append("")
     L += targets_table(info) + [""]
-    L += ["Speed-ups are ours relative to transformers (>1: ours faster); for latencies it is HF time / our time.",
+    L += ["Speed-ups are ours relative to transformers (>1: ours faster); for latencies it is HF time / our time. "
+          "'compiled / faster HF' compares ours_compiled with the faster of HF eager and HF sdpa. The compiled path's "
+          "first call is timed in a fresh process with an empty torch.compile cache.",
           "Decode tok/s = (new tokens - 1) x batch / (total generate time - time to first token): the first token comes "
           "from the prefill. Ceiling column: decode = measured / (bandwidth / bytes read per step), where bytes per step "
           "= text-layer weights + the tied embedding read once as the LM head + the KV cache of every row at the mean "
@@ -452,16 +505,19 @@ def targets_table(info) -> list:
          "| size | target | measured | met |", "|---|---|---|---|"]
     for size, s in info["sizes"].items():
         r = s["results"]
-        for key, goal in (("decode_b1_tok_s", 2.0), ("decode_b8_tok_s", 1.5)):
-            best = max(r[h][key] for h in ("hf_eager", "hf_sdpa") if h in r)
-            x = r["ours"][key] / best
-            L.append(f"| {size} | decode batch {key[8]} >= {goal}x HF | {x:.2f}x | {'yes' if x >= goal else 'no'} |")
+        for impl in (i for i in ("ours", "ours_compiled") if i in r):
+            for key, goal in (("decode_b1_tok_s", 2.0), ("decode_b8_tok_s", 1.5)):
+                best = max(r[h][key] for h in ("hf_eager", "hf_sdpa") if h in r)
+                x = r[impl][key] / best
+                L.append(f"| {size} | decode batch {key[8]} >= {goal}x HF ({NAMES[impl]}) | {x:.2f}x | "
+                         f"{'yes' if x >= goal else 'no'} |")
         best = min(r[h]["prefill_s"] for h in ("hf_eager", "hf_sdpa") if h in r)
         x = best / r["ours"]["prefill_s"]
         L.append(f"| {size} | prefill no slower (speed-up >= 1x) | {x:.2f}x | {'yes' if x >= 1 else 'no'} |")
         if s.get("curve"):
             g = s["curve"]["growth"]
-            L.append(f"| {size} | cached decode cost growth, token 16 -> last <= 1.5x | {g:.2f}x | {'yes' if g <= 1.5 else 'no'} |")
+            L.append(f"| {size} | cached decode cost growth, token 16 -> last <= 1.5x | {g:.2f}x | "
+                     f"{'yes' if g <= 1.5 else 'no'} |")
     return L
 
 
@@ -475,10 +531,14 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--impls", default=",".join(IMPLS), help="implementations to run, comma-separated (of %(default)s)")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--max-len", type=int, default=None)
     ap.add_argument("--max-len-nocache", type=int, default=None)
     ap.add_argument("--report-only", action="store_true", help="rewrite results.md and the plots from results.json in --out")
+    ap.add_argument("--ab", metavar="SIZE", help="only an in-process A/B of decode at SIZE (all --impls in one process, "
+                    "alternating, --reps runs each, batch --batch): writes ab_SIZE_tTHREADS[_bBATCH].json in --out")
+    ap.add_argument("--batch", type=int, default=1, help="batch size of --ab")
     ap.add_argument("--worker", choices=list(WORKERS))
     ap.add_argument("--impl", default="ours")
     ap.add_argument("--model")
@@ -496,7 +556,6 @@ def main(argv=None):
 
     import torch
     from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints  # noqa: F401
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     if a.report_only:
         info = json.loads((out / "results.json").read_text())
@@ -505,8 +564,26 @@ def main(argv=None):
         plot_ratios({s: e["results"] for s, e in info["sizes"].items()}, out / "speedups.png")
         print(write_report(out, info).read_text())
         return
+    if a.ab:
+        make, dtype = SIZES[a.ab]
+        cfg = make()
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            conf = PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")})
+            model = PaliGemmaForConditionalGeneration(conf)
+            model.to(_dtype(dtype)).save_pretrained(Path(tmp))
+            del model
+            res = spawn("ab", a, model=tmp, dtype=dtype, reps=a.reps, new_tokens=a.new_tokens, impls=a.impls, batch=a.batch)
+        m = res["median"]
+        best_hf = max(v for i, v in m.items() if i.startswith("hf"))
+        res |= dict(size=a.ab, threads=a.threads, batch=a.batch, new_tokens=a.new_tokens, reps=a.reps, machine=machine(),
+                    loadavg=os.getloadavg(),
+                    ratio_vs_faster_hf={i: v / best_hf for i, v in m.items() if i.startswith("ours")})
+        (out / f"ab_{a.ab}_t{a.threads}{'' if a.batch == 1 else f'_b{a.batch}'}.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: res[k] for k in ("median", "ratio_vs_faster_hf", "loadavg")}, indent=1))
+        return
     sizes = [s for s in a.sizes.split(",") if s] + (["full"] if a.full and "full" not in a.sizes else [])
-    others = subprocess.run(["pgrep", "-af", "paligemma_edu.train"], capture_output=True, text=True).stdout.strip()
+    others = subprocess.run(["pgrep", "-af", "paligemma-edu train"], capture_output=True, text=True).stdout.strip()
     info = dict(mode="quick" if q else "full run", threads=a.threads, rounds=a.rounds, reps=a.reps, new_tokens=a.new_tokens,
                 machine=machine(), sizes={}, plots=[],
                 load_note=("training process running concurrently: " + others[:80]) if others else "no training process running")
@@ -522,14 +599,23 @@ def main(argv=None):
             cnt = counts(cfg)
             folder = Path(tmp) / size
             torch.manual_seed(0)
-            with torch.device("cpu"):
-                model = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")}))
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(_dtype(dtype))  # built in the benchmark dtype: no float32 copy of a 3B model in memory
+            try:
+                with torch.device("cpu"):
+                    conf = PaliGemmaConfig.from_dict({k: v for k, v in cfg.items() if not k.startswith("_")})
+                    model = PaliGemmaForConditionalGeneration(conf)
+            finally: torch.set_default_dtype(default)
             model.to(_dtype(dtype)).save_pretrained(folder)
             del model
             reps = a.reps * 2 if size == "tiny" and not q else a.reps  # tiny runs are cheap and noisy: more repetitions
             kw = dict(model=folder, dtype=dtype, reps=reps, new_tokens=a.new_tokens)
             print(f"{size}: {cnt['total'] / 1e6:.1f}M params, saved", flush=True)
-            impls = IMPLS if cfg["text_config"]["model_type"] == "gemma" else IMPLS[:2]  # HF Gemma 2: eager only
+            impls = [i for i in a.impls.split(",") if i and (i != "hf_sdpa" or cfg["text_config"]["model_type"] == "gemma")]
+            bad = sorted(set(impls) - set(IMPLS))  # HF Gemma 2: eager only
+            if bad or "ours" not in impls or not {"hf_eager", "hf_sdpa"} & set(impls):
+                raise SystemExit(f"--impls must include ours and one of hf_eager / hf_sdpa, and name only {IMPLS}; "
+                                 f"found {a.impls!r}")
             runs = {i: [] for i in impls}
             for r in range(a.rounds):
                 for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate the order round by round
@@ -541,16 +627,18 @@ def main(argv=None):
             T = n_img + PROMPT_LEN
             bpe = 2 if dtype == "bfloat16" else 4
             bw = info["ceilings"][f"bw_{dtype}_GBps"] * 1e9
+            step = {B: decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe) for B in (1, 8)}  # bytes read per step
             roof = {}
             for B in (1, 8):
-                step = decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe)
-                roof[f"decode_b{B}_tok_s"] = res["ours"][f"decode_b{B}_tok_s"] / (B * bw / step)
-            roof["prefill_s"] = prefill_flops(cfg, cnt, T) / res["ours"]["prefill_s"] / (info["ceilings"][f"gemm_{dtype}_GFLOPs"] * 1e9)
+                roof[f"decode_b{B}_tok_s"] = res["ours"][f"decode_b{B}_tok_s"] / (B * bw / step[B])
+            gemm = info["ceilings"][f"gemm_{dtype}_GFLOPs"] * 1e9
+            roof["prefill_s"] = prefill_flops(cfg, cnt, T) / res["ours"]["prefill_s"] / gemm
+            roof_by_impl = {i: {B: res[i][f"decode_b{B}_tok_s"] / (B * bw / step[B]) for B in (1, 8)} for i in impls}
             entry = dict(config=cfg, counts=cnt, dtype=dtype, n_image_tokens=n_img, results=res, load=load, roofline=roof,
-                         raw=runs, decode_roofline_tok_s={B: B * bw / decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe)
-                                                          for B in (1, 8)})
+                         decode_roofline_share=roof_by_impl,
+                         raw=runs, decode_roofline_tok_s={B: B * bw / step[B] for B in (1, 8)})
             if not size.startswith("full"):
-                print(f"  curve ...", flush=True)
+                print("  curve ...", flush=True)
                 cv = spawn("curve", a, model=folder, dtype=dtype, reps=1 if q else 2, max_len=a.max_len,
                            max_len_nocache=a.max_len_nocache)
                 c = cv["cached"]

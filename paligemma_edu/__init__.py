@@ -1,6 +1,8 @@
 __version__ = "0.1.0"
 
-from .core import pick_device, pick_dtype, seed_everything, compare_layers
+# The public API: `from paligemma_edu import ...` (every module can also be imported on its own).
+
+from .core import pick_device, pick_dtype, seed_everything, compare_layers, evaluating, model_device
 from .images import SiglipImageProcessor, load_image, to_pil
 from .siglip import SiglipVisionConfig, SiglipVisionModel
 from .kv_cache import KVCache
@@ -8,5 +10,11 @@ from .gemma import GemmaConfig, GemmaForCausalLM
 from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor, PaliGemmaTokenizer, build_paligemma_tokenizer
 from .generate import generate, answer, TextStreamer, parse_detections, draw_boxes, loc_tokens
-from . import checkpoints  # noqa: F401  (adds from_pretrained / save_pretrained to the model class)
 from .paligemma2 import paligemma2_3b_config
+from .bundled import load_bundled_model
+
+__all__ = ["pick_device", "pick_dtype", "seed_everything", "compare_layers", "evaluating", "model_device",
+           "SiglipImageProcessor", "load_image", "to_pil", "SiglipVisionConfig", "SiglipVisionModel", "KVCache",
+           "GemmaConfig", "GemmaForCausalLM", "PaliGemmaConfig", "PaliGemmaForConditionalGeneration",
+           "PaliGemmaProcessor", "PaliGemmaTokenizer", "build_paligemma_tokenizer", "generate", "answer", "TextStreamer",
+           "parse_detections", "draw_boxes", "loc_tokens", "paligemma2_3b_config", "load_bundled_model"]

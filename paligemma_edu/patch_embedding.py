@@ -6,11 +6,9 @@
 from __future__ import annotations
 import math
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
 from .images import load_image
 
@@ -30,6 +28,7 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
 # %% ../nbs/02_patch_embedding.ipynb #b60739b1
 def plot_patch_grid(image, patch_size: int, ax=None, numbers: bool = True, color: str = "white"):
     "Draw the patch grid (and patch indices) over an image; return the axes."
+    import matplotlib.pyplot as plt
     im = load_image(image)
     if ax is None: _, ax = plt.subplots(figsize=(3.5, 3.5))
     ax.imshow(im); ax.set_axis_off()
@@ -52,6 +51,7 @@ def position_similarity(pos: torch.Tensor) -> torch.Tensor:
 
 def plot_position_similarity(pos: torch.Tensor, query: int | None = None, ax=None, title: str | None = None):
     "Show the cosine similarity of position `query` (default: centre) with all positions, on the patch grid."
+    import matplotlib.pyplot as plt
     g = math.isqrt(pos.shape[0])
     if g * g != pos.shape[0]: raise ValueError(f"expected a square number of positions; found {pos.shape[0]}")
     query = (g // 2) * g + g // 2 if query is None else query

@@ -9,18 +9,16 @@ import fnmatch
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from .core import pick_device, pick_dtype
+from .core import check_regular_file, pick_device, pick_dtype, read_json
 from .paligemma import PaliGemmaConfig
-from .checkpoints import HEAD, EMBED, check_state_dict, find_weight_files, map_key
-from .checkpoints import skip_init_weights, to_published_key
+from .checkpoints import HEAD, EMBED, CheckpointError, all_finite, check_state_dict, find_weight_files
+from .checkpoints import map_key, skip_init_weights
 
 # %% auto #0
 __all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'QUANT_METHOD', 'bits_per_weight', 'weight_counts', 'plot_weight_bytes',
@@ -29,7 +27,7 @@ __all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'QUANT_METHOD', 'bits_per_w
            'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity', 'plot_sensitivity', 'int4_cpu_layout',
            'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'int8_matmul', 'QuantLinear', 'QuantEmbedding',
            'TiedHead', 'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize', 'model_bytes',
-           'TensorInfo', 'read_header', 'save_quantized', 'quantized_specs', 'from_pretrained_quantized']
+           'TensorInfo', 'read_header', 'quantized_specs', 'from_pretrained_quantized']
 
 # %% ../nbs/20_quantization.ipynb #5ed97327
 FORMAT_BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}
@@ -180,7 +178,8 @@ def sensitivity(model, batch: dict, bits: int, group_size: int = 64, groups=LAYE
     out = {}
     for name, patterns in groups.items():
         z = run(fake_quantize_(copy.deepcopy(model), bits, group_size, patterns))
-        out[name] = ((z - ref).abs().max() / ref.abs().max()).item(), (z.argmax(-1) == ref.argmax(-1))[answer].float().mean().item()
+        agree = (z.argmax(-1) == ref.argmax(-1))[answer].float().mean().item()
+        out[name] = ((z - ref).abs().max() / ref.abs().max()).item(), agree
     return out
 
 def plot_sensitivity(results: dict, ax=None):
@@ -330,7 +329,8 @@ class QuantLinear(nn.Module):
         Kp = self.scale_zero.shape[0] * self.group_size
         if Kp != self.in_features: x = F.pad(x, (0, Kp - self.in_features))             # (M, Kp)
         if x.is_cuda:  # the CUDA kernel computes in bfloat16
-            if self.qweight.dim() != 4: raise RuntimeError("this int4 layer is packed for the CPU: load or quantize the model on the GPU")
+            if self.qweight.dim() != 4:
+                raise RuntimeError("this int4 layer is packed for the CPU: load or quantize the model on the GPU")
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
                                                    self.scale_zero.to(torch.bfloat16)).to(x.dtype)
         elif x.shape[0] <= SMALL_M or x.dtype != torch.float32:
@@ -403,7 +403,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bits={self.bits}{g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}{g}")
 
 # %% ../nbs/20_quantization.ipynb #7922b098
 class QuantEmbedding(QuantLinear):
@@ -478,7 +479,8 @@ def quantize(model, bits: int = 8, group_size: int = 64, skip=()):
     def table(e):
         w = e.weight.detach()
         return QuantEmbedding(w.shape[0], w.shape[1], w.dtype, w.device).quantize_(w)
-    return _swap(model, quantization_plan(model, settings), settings, table, lambda m: QuantLinear.from_linear(m, bits, group_size))
+    linear = lambda m: QuantLinear.from_linear(m, bits, group_size)
+    return _swap(model, quantization_plan(model, settings), settings, table, linear)
 
 def model_bytes(model) -> int:
     "Bytes of every tensor `model` holds (shared tensors counted once)."
@@ -495,7 +497,7 @@ class TensorInfo:
         self.path, self.name, self.dtype, self.shape, self.offset, self.nbytes = path, name, dtype, tuple(shape), offset, nbytes
 
     def read(self, rows=None):
-        "The tensor (or rows start..stop of it) read into fresh memory with plain file reads (no memory map)."
+        "The tensor (or rows start..stop of it) read into fresh memory with plain file reads (no memory map); finite."
         start, stop = rows or (0, self.shape[0] if self.shape else 1)
         row_bytes = self.nbytes // max(self.shape[0], 1) if self.shape else self.nbytes
         buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
@@ -503,7 +505,10 @@ class TensorInfo:
             f.seek(self.offset + start * row_bytes)
             if f.readinto(buf.numpy()) != buf.numel():
                 raise ValueError(f"{self.path} ends inside tensor {self.name!r} (truncated file?)")
-        return buf.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
+        t = buf.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
+        if not all_finite(t):
+            raise CheckpointError(f"tensor {self.name!r} in {self.path} holds NaN or infinite values; the checkpoint is damaged")
+        return t
 
 def read_header(path) -> dict:
     "TensorInfo of every tensor of a safetensors file (a little-endian u64 header size, a JSON header, raw bytes)."
@@ -529,30 +534,6 @@ def read_header(path) -> dict:
         raise ValueError(f"could not read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from None
 
 # %% ../nbs/20_quantization.ipynb #dd85df4d
-def _atomic(path: Path, write):
-    "Call write(tmp) on a temporary file beside `path`, then move it into place (a reader never sees half a file)."
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try: write(tmp); os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-
-def save_quantized(model, folder, processor=None) -> Path:
-    "Write config.json (settings under `quantization_config`) and model.safetensors (portable layout), atomically."
-    settings = getattr(model, "quantization", None)
-    if settings is None: raise ValueError("this model is not quantized: save it with save_pretrained")
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    sd = {to_published_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != HEAD}
-    _atomic(folder / "model.safetensors", lambda p: save_file(sd, str(p), metadata={"format": "pt"}))
-    index = folder / "model.safetensors.index.json"
-    if index.exists():  # a stale shard index would be read instead of the new file: remove it and its shards
-        for shard in set(json.loads(index.read_text()).get("weight_map", {}).values()) - {"model.safetensors"}:
-            (folder / shard).unlink(missing_ok=True)
-        index.unlink()
-    cfg = model.cfg.to_dict() | {"quantization_config": settings}
-    _atomic(folder / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2)))
-    if processor is not None: processor.save_pretrained(folder)
-    return folder
-
-# %% ../nbs/20_quantization.ipynb #053f065a
 def _settings_from(quantize) -> dict | None:
     "Settings from from_pretrained's `quantize`: None, 'int8', 'int4', or a dict of `quantize` arguments."
     if quantize is None: return None
@@ -588,12 +569,15 @@ def _assign(model, name: str, t):
     else: mod._buffers[leaf] = t
 
 def _tensor_infos(folder) -> dict:
-    "TensorInfo of every tensor of a checkpoint folder, under our names."
+    "TensorInfo of every tensor of a checkpoint folder under our names: each stored once, where the index says."
+    files, weight_map = find_weight_files(folder)
     out, origin = {}, {}
-    for f in find_weight_files(folder):
-        for k, info in read_header(f).items():
+    for f in files:
+        for k, info in read_header(check_regular_file(f, "safetensors file")).items():
+            if weight_map is not None and weight_map.get(k, f.name) != f.name:
+                raise CheckpointError(f"tensor {k!r} is in {f.name} but the index says {weight_map[k]}")
             nk = map_key(k)
-            if nk in out: raise ValueError(f"checkpoint tensors {origin[nk]!r} and {k!r} both map to {nk!r}")
+            if nk in out: raise CheckpointError(f"checkpoint tensors {origin[nk]!r} and {k!r} both map to {nk!r} ({f.parent})")
             out[nk], origin[nk] = info, k
     return out
 
@@ -610,15 +594,16 @@ def _check_tied_head(infos: dict):
     if head.shape != emb.shape or not all(torch.equal(h, e) for _, (h, e) in _row_blocks([head, emb])):
         raise ValueError("checkpoint has an LM head that differs from the token embedding; this model ties them")
 
-# %% ../nbs/20_quantization.ipynb #e5c4fd8b
+# %% ../nbs/20_quantization.ipynb #053f065a
 def from_pretrained_quantized(cls, folder, quantize=None, dtype=None, device=None, attn_implementation: str = "sdpa"):
     "Load a folder quantized: float weights quantized one tensor at a time as they are read; quantized ones strictly."
     folder, cfg_file = Path(folder), Path(folder) / "config.json"
-    d = json.loads(cfg_file.read_text())
+    d = read_json(cfg_file, "config")
     saved = _saved_settings(d.pop("quantization_config"), cfg_file) if "quantization_config" in d else None
     want = _settings_from(quantize)
     if saved and want and want != saved:
-        raise ValueError(f"{folder} is already quantized ({saved}); it cannot be re-quantized to {want}: load it with quantize=None")
+        raise ValueError(f"{folder} is already quantized ({saved}); it cannot be re-quantized to {want}: "
+                         "load it with quantize=None")
     settings = saved or want
     cfg = PaliGemmaConfig.from_dict(d)
     cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation

@@ -2,8 +2,11 @@
 
 Quarto (nbdev_readme) is not used: this keeps the two in sync with no extra tool. Markdown cells are copied, code
 cells become ```python blocks (cells starting with `#| hide` are skipped), image links are rewritten relative to the
-repository root. Usage: python scripts/make_readme.py [--check]
+repository root. A cell flagged `#| output: asis` is run (after the `#| hide` cells) and what it prints is copied as
+markdown: that is how numbers read from result files reach the README. Usage: python scripts/make_readme.py [--check]
 """
+import contextlib
+import io
 import json
 import re
 import sys
@@ -16,12 +19,18 @@ HEADER = "<!-- Generated from nbs/index.ipynb by scripts/make_readme.py: edit th
 def render(nb_path=ROOT / "nbs" / "index.ipynb") -> str:
     "README text for the index notebook."
     cells = json.loads(Path(nb_path).read_text())["cells"]
-    parts = []
+    parts, namespace = [], {}
     for c in cells:
         src = "".join(c["source"]).strip()
-        if not src or src.startswith("#| hide"): continue
+        if not src: continue
         if c["cell_type"] == "markdown":
             parts.append(re.sub(r"\]\((images/[^)]+)\)", r"](nbs/\1)", src))
+        elif src.startswith("#| hide"):
+            exec(src, namespace)
+        elif "#| output: asis" in src:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out): exec(src, namespace)
+            parts.append(out.getvalue().strip())
         elif c["cell_type"] == "code":
             parts.append("```python\n" + src + "\n```")
     return HEADER + "\n\n".join(parts) + "\n"

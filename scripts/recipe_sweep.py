@@ -11,7 +11,13 @@ run; a GPU only makes the comparison quicker. Every process logs its held-out ac
 greedy evaluation on `--n` held-out scenes per task; DIR/summary.md and DIR/summary.json collect what finished.
 """
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, tempfile, time
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 P8S = dict(patch_size=8, text_width=128, text_layers=3, text_heads=4, head_dim=32)
@@ -50,12 +56,12 @@ VARIANTS = {k: START | v for k, v in VARIANTS.items()}
 def measure(names, steps=12):
     "CPU seconds per training step (data included) of each variant, 2 threads; a vision pretraining stage is not counted."
     import torch
-    from paligemma_edu.train import BUNDLED_RECIPE, train_bundled_model
+    from paligemma_edu.bundled import BUNDLED_RECIPE, train_bundled_model
     torch.set_num_threads(2)
     for n in names:
         with tempfile.TemporaryDirectory() as d:
             r = {k: v for k, v in VARIANTS[n].items() if k != "steps"} | {"vision_pretrain_steps": 0}
-            _, _, h = train_bundled_model(d, steps=steps, recipe=r, eval_every=10**9, progress=False)
+            _, _, h = train_bundled_model(d, steps=steps, recipe=r, eval_every=10**9, progress=False, eval_per_task=0)
             t = (h[-1]["time"] - h[0]["time"]) / (h[-1]["step"] - h[0]["step"])
             st = (BUNDLED_RECIPE | VARIANTS[n])["steps"]
             print(f"{n:10s} {t * 1e3:6.0f} ms/step  x {st} steps = {t * st / 60:5.1f} min", flush=True)
@@ -64,7 +70,8 @@ def measure(names, steps=12):
 def one(name, out, device, scale, n_eval, deadline):
     "Train one variant (stopping early at the wall-clock deadline) and write out/name.json."
     import torch
-    from paligemma_edu import train as T
+    from paligemma_edu import bundled as T
+    from paligemma_edu.train import evaluate_model
     torch.set_num_threads(1)
     r = T.BUNDLED_RECIPE | VARIANTS[name]
     steps = max(2, int(r["steps"] * scale))
@@ -87,11 +94,11 @@ def one(name, out, device, scale, n_eval, deadline):
     with tempfile.TemporaryDirectory() as d:
         try:
             model, processor, _ = T.train_bundled_model(d, steps=steps, recipe=recipe, progress=False, on_log=log,
-                                                        eval_every=max(1, steps // 10), device=device)
+                                                        eval_every=max(1, steps // 10), device=device, eval_per_task=0)
         except Stop:  # cut short: only the logged history is reported
             pass
         else:
-            res.update(finished=True, metrics=T.evaluate_model(model.to(device), processor, n_eval))
+            res.update(finished=True, metrics=evaluate_model(model.to(device), processor, n_eval))
     res["seconds"] = time.perf_counter() - t0
     (Path(out) / f"{name}.json").write_text(json.dumps(res))
     print(f"[{name}] done in {res['seconds']:.0f} s", flush=True)

@@ -2,7 +2,6 @@
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-import pytest
 import torch
 import transformers
 from transformers import GemmaConfig as HFGemmaConfig, GemmaForCausalLM as HFGemmaForCausalLM
@@ -61,3 +60,15 @@ def left_padded_batch(lengths, vocab, seed=0, low=3):
         ids[b, T - n:] = torch.randint(low, vocab, (n,), generator=g)
         mask[b, T - n:] = 1
     return ids, mask
+
+
+def small_shapes_model(processor):
+    "A tiny, randomly initialised (seed 0) PaliGemma for the bundled processor's images and vocabulary."
+    import math
+    from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+    from paligemma_edu.train import init_weights, make_tiny_config
+    tok = processor.tokenizer
+    patch = 64 // math.isqrt(processor.image_seq_length)  # the bundled processor fixes the number of image tokens
+    cfg = make_tiny_config(len(tok), tok.image_token_id, patch_size=patch, vision_width=32, vision_layers=1,
+                           vision_heads=1, text_width=32, text_layers=1, text_heads=2, head_dim=16)
+    return init_weights(PaliGemmaForConditionalGeneration(cfg), seed=0)

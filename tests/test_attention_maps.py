@@ -164,7 +164,8 @@ def test_bundled_model_reads_the_colour_from_the_asked_object():
     layers that read the image and averaged over layers. Measured on these 30 scenes, ratio (mass share in the box /
     its area share): layer 2 3.7, layer 3 5.5, mean of layers 3.9; a random model gives about 1."""
     from paligemma_edu.shapes import make_scene
-    from paligemma_edu.train import EVAL_SEED, load_bundled_model
+    from paligemma_edu.bundled import load_bundled_model
+    from paligemma_edu.train import EVAL_SEED
     model, proc = load_bundled_model()
     scenes, s = [], EVAL_SEED + 5 * 10**7
     while len(scenes) < 30:

@@ -26,7 +26,8 @@ def test_gpu_check_tiny_cpu_matches(tmp_path):
 
 
 def test_run_quick_writes_table(tmp_path):
-    run(["benchmarks/run.py", "--quick", "--sizes", "tiny", "--threads", "1", "--out", str(tmp_path)])
+    run(["benchmarks/run.py", "--quick", "--sizes", "tiny", "--threads", "1", "--impls", "ours,ours_static,hf_sdpa",
+         "--out", str(tmp_path)])
     table = (tmp_path / "results.md").read_text()
     assert "| decode, batch 1 (tok/s) |" in table and "| prefill latency, batch 1 (ms) |" in table
     assert (tmp_path / "decode_vs_length.png").exists() and (tmp_path / "speedups.png").exists()

@@ -4,16 +4,18 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from paligemma_edu.cli import main
 from paligemma_edu.shapes import make_scene
-from paligemma_edu.train import load_bundled_model
+from paligemma_edu.bundled import load_bundled_model
 
 EXE = shutil.which("paligemma-edu")
 
 
 def run(*args):
-    cmd = [EXE, *args] if EXE else [sys.executable, "-c", "import sys; from paligemma_edu.cli import main; sys.exit(main())", *args]
+    cmd = ([EXE, *args] if EXE else
+           [sys.executable, "-c", "import sys; from paligemma_edu.cli import main; sys.exit(main())", *args])
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -44,6 +46,19 @@ def test_generate_several_images_and_sampling(checkpoint, capsys):
     assert len(lines) == 2 and all("->" in l for l in lines)
 
 
+def test_generate_compile_flag_gives_the_same_answers(checkpoint, capsys):
+    img = str(checkpoint / "scene.png")
+    args = ["generate", "--model", str(checkpoint / "model"), "--image", img, "--image", img,
+            "--prompt", "caption en", "--prompt", "detect triangle", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--compile", "static"]) == 0
+    assert capsys.readouterr().out == plain and "->" in plain
+    if not torch.cuda.is_available():
+        assert main(args + ["--compile", "cuda-graph"]) == 2
+        assert "needs the model on a CUDA device" in capsys.readouterr().err
+
+
 def test_demo_writes_picture(tmp_path):
     out = tmp_path / "demo.png"
     r = run("demo", "--out", str(out))
@@ -55,11 +70,19 @@ def test_demo_writes_picture(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["generate", "--image", "/no/such/image.png", "--prompt", "caption en"], "/no/such/image.png"),
     (["generate", "--model", "/no/such/folder", "--image", "__IMG__", "--prompt", "caption en"], "/no/such/folder"),
-    (["generate", "--image", "__IMG__", "--image", "__IMG__", "--prompt", "a", "--prompt", "b", "--prompt", "c"], "3 prompts for 2 images"),
+    (["generate", "--image", "__IMG__", "--image", "__IMG__", "--prompt", "a", "--prompt", "b", "--prompt", "c"],
+     "3 prompts for 2 images"),
     (["train", "--out", "/tmp/never-written", "--recipe", '{"learning_rate": 1}'], "unknown recipe keys ['learning_rate']"),
+    (["train", "--out", "/tmp/never-written", "--recipe", '{"steps": "4"}'], "steps='4' (expected a number"),
+    (["train", "--out", "/tmp/never-written", "--device", "cuda"], "CUDA is not available"),
+    (["train", "--out", "__CKPT__"], "exists and is not empty"),
+    (["generate", "--model", "", "--image", "__IMG__", "--prompt", "caption en"], "--model is empty"),
+    (["generate", "--image", "__IMG__", "--prompt", "caption en", "--boxes", "__OUT__/boxes"], "--boxes needs a file name"),
+    (["demo", "--out", "__OUT__/no/such/dir/demo.png"], "does not exist"),
 ])
-def test_errors_are_one_line(checkpoint, args, expected):
-    args = [str(checkpoint / "scene.png") if a == "__IMG__" else a for a in args]
+def test_errors_are_one_line(checkpoint, tmp_path, args, expected):
+    fill = {"__IMG__": str(checkpoint / "scene.png"), "__CKPT__": str(checkpoint / "model"), "__OUT__": str(tmp_path)}
+    args = [fill.get(a, a).replace("__OUT__", str(tmp_path)) for a in args]
     r = run(*args)
     assert r.returncode == 2
     err = r.stderr.strip()
@@ -70,3 +93,13 @@ def test_errors_are_one_line(checkpoint, args, expected):
 def test_help_lists_commands():
     r = run("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("generate", "demo", "train", "evaluate"))
+
+
+def test_argument_errors_and_debug_anywhere(checkpoint, tmp_path):
+    "Bad numbers stop at the parser (exit 2); --debug after the command shows the traceback; nothing unnamed is written."
+    r = run("evaluate", "--n", "0")
+    assert r.returncode == 2 and "expected an integer >= 1, found 0" in r.stderr
+    r = run("generate", "--image", "/no/such/image.png", "--prompt", "caption en", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    r = run("generate", "--image", str(checkpoint / "scene.png"), "--prompt", "caption en", "--boxes", str(tmp_path / "x"))
+    assert r.returncode == 2 and not any(tmp_path.iterdir())  # neither x nor x.png

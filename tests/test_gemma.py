@@ -5,8 +5,6 @@ import torch
 from conftest import left_padded_batch, tiny_hf_gemma
 from paligemma_edu.core import compare_layers
 from paligemma_edu.gemma import GemmaConfig, GemmaForCausalLM
-from paligemma_edu.kv_cache import KVCache
-import paligemma_edu.generate  # noqa: F401  (adds .generate)
 
 SHAPES = {  # name: HF config overrides
     "mqa": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=20),

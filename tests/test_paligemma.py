@@ -8,8 +8,6 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_hf_paligemma, tiny_paligemma_config_dict
 from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from paligemma_edu.checkpoints import remap_state_dict
-import paligemma_edu.generate  # noqa: F401
-import paligemma_edu.checkpoints  # noqa: F401
 
 IMG = 299
 N = 16  # (28 / 7) ** 2 image tokens

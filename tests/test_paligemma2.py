@@ -5,10 +5,7 @@ import pytest
 import torch
 
 from conftest import perturb_norms, tiny_paligemma_config_dict
-from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-from paligemma_edu.gemma import GemmaConfig, GemmaForCausalLM
-import paligemma_edu.checkpoints  # noqa: F401
-import paligemma_edu.generate  # noqa: F401
+from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
 
 GEMMA2 = dict(model_type="gemma2", num_hidden_layers=4, num_key_value_heads=2, query_pre_attn_scalar=24,
               sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
@@ -28,7 +25,8 @@ def hf_pg2(seed=0, **text):
 def rows(seed=0):
     "Two left-padded rows, 16 image tokens, prefix and 4-token suffix; ~27 tokens > window 8."
     g = torch.Generator().manual_seed(seed)
-    r = [[299] * 16 + [2] + torch.randint(3, 290, (n,), generator=g).tolist() + [108] + torch.randint(3, 290, (4,), generator=g).tolist()
+    r = [[299] * 16 + [2] + torch.randint(3, 290, (n,), generator=g).tolist() + [108]
+         + torch.randint(3, 290, (4,), generator=g).tolist()
          for n in (3, 6)]
     L = max(map(len, r))
     ids = torch.tensor([[0] * (L - len(x)) + x for x in r])

@@ -164,9 +164,13 @@ def test_bad_input(folder, images):
     with pytest.raises(ValueError, match="needs a text prompt"): proc(images=images)
     with pytest.raises(ValueError, match="needs images"): proc(text=PROMPTS)
     with pytest.raises(ValueError, match="received 3 images .* for 2 prompts"): proc(images=images, text=PROMPTS[:2])
-    with pytest.raises(ValueError, match="received 2 suffixes for 3 prompts"): proc(images=images, text=PROMPTS, suffix=SUFFIXES[:2])
-    with pytest.raises(ValueError, match=r"sequence lengths \[.*\] exceed max_length=8"): proc(images=images, text=PROMPTS, max_length=8)
+    with pytest.raises(ValueError, match="received 2 suffixes for 3 prompts"):
+        proc(images=images, text=PROMPTS, suffix=SUFFIXES[:2])
+    with pytest.raises(ValueError, match=r"sequence lengths \[.*\] exceed max_length=8"):
+        proc(images=images, text=PROMPTS, max_length=8)
     with pytest.raises(ValueError, match="2 <image> tokens but 1 images"): proc(images=images[0], text="<image><image>hi")
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'; found 'middle'"):
+        proc(images=images, text=PROMPTS, padding_side="middle")
     with pytest.raises(ValueError, match="image_seq_length must be a positive int"):
         PaliGemmaProcessor(SiglipImageProcessor(), PaliGemmaTokenizer(folder))
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"): PaliGemmaTokenizer(folder / "nope")

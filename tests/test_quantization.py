@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-from paligemma_edu.quantization import (QuantEmbedding, QuantLinear, TiedHead, dequantize_int4, fake_quantize, pack_int4_cpu,
-                                        quantize, quantize_int4, unpack_int4_cpu)
+from paligemma_edu.quantization import (QuantEmbedding, QuantLinear, TiedHead, dequantize_int4, fake_quantize, quantize,
+                                        quantize_int4, unpack_int4_cpu)
 from paligemma_edu.shapes import make_scene
-from paligemma_edu.train import bundled_model_path, load_bundled_model
+from paligemma_edu.bundled import bundled_model_path, load_bundled_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,8 @@ def saved(bundled, tmp_path_factory):
     "The bundled model quantized in int8 and int4, saved with the processor."
     model, processor = bundled
     d = tmp_path_factory.mktemp("quantized")
-    return {bits: quantize(copy.deepcopy(model), bits).save_pretrained(d / f"int{bits}", processor) for bits in (8, 4)}
+    return {bits: quantize(copy.deepcopy(model), bits).save_pretrained(d / f"int{bits}", processor=processor)
+            for bits in (8, 4)}
 
 
 # ------------------------------------------------------------------------------------------------------- layers
@@ -69,7 +70,8 @@ def test_int4_layout_on_other_cpu_capabilities(capability):
             "q, s, z = quantize_int4(w, 64);"
             "p = pack_int4_cpu(q); assert torch.equal(unpack_int4_cpu(p), q); x = torch.randn(3, 320);"
             "sz = torch.stack([s, z], -1).transpose(0, 1).contiguous();"
-            "torch.testing.assert_close(torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 64, sz), x @ dequantize_int4(q, s, z, 64).T,"
+            "torch.testing.assert_close(torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 64, sz),"
+            " x @ dequantize_int4(q, s, z, 64).T,"
             " rtol=1e-5, atol=1e-4); print(torch.backends.cpu.get_cpu_capability(), int4_cpu_layout())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1"))
@@ -147,7 +149,8 @@ def _copy_folder(src, dst, config=None, tensors=None):
 
 def test_settings_and_tensors_disagree(saved, tmp_path):
     int8, int4 = saved[8], saved[4]
-    lie = _copy_folder(int8, tmp_path / "lie", config=lambda c: c | {"quantization_config": c["quantization_config"] | {"bits": 4, "group_size": 64}})
+    claims_int4 = lambda c: c | {"quantization_config": c["quantization_config"] | {"bits": 4, "group_size": 64}}
+    lie = _copy_folder(int8, tmp_path / "lie", config=claims_int4)
     with pytest.raises(ValueError, match=r"do not match the quantization settings.*mis-shaped.*qweight"):
         PaliGemmaForConditionalGeneration.from_pretrained(lie)
     key = "language_model.model.layers.1.mlp.down_proj.zero"
@@ -157,10 +160,12 @@ def test_settings_and_tensors_disagree(saved, tmp_path):
     signed = _copy_folder(int4, tmp_path / "signed", tensors=lambda sd: sd | {key: sd[key].view(torch.int8)})
     with pytest.raises(ValueError, match=rf"{key}: expected torch.uint8, found torch.int8"):
         PaliGemmaForConditionalGeneration.from_pretrained(signed)
-    foreign = _copy_folder(int8, tmp_path / "foreign", config=lambda c: c | {"quantization_config": {"quant_method": "bitsandbytes"}})
+    foreign = _copy_folder(int8, tmp_path / "foreign",
+                           config=lambda c: c | {"quantization_config": {"quant_method": "bitsandbytes"}})
     with pytest.raises(ValueError, match="bitsandbytes"): PaliGemmaForConditionalGeneration.from_pretrained(foreign)
-    with pytest.raises(ValueError, match="already quantized"): PaliGemmaForConditionalGeneration.from_pretrained(int8, quantize="int4")
-    with pytest.raises(ValueError, match="'int8', 'int4'"): PaliGemmaForConditionalGeneration.from_pretrained(int8, quantize="fp8")
+    load = PaliGemmaForConditionalGeneration.from_pretrained
+    with pytest.raises(ValueError, match="already quantized"): load(int8, quantize="int4")
+    with pytest.raises(ValueError, match="'int8', 'int4'"): load(int8, quantize="fp8")
 
 
 def test_float_checkpoint_with_a_different_head_is_refused(bundled, tmp_path):
@@ -170,7 +175,8 @@ def test_float_checkpoint_with_a_different_head_is_refused(bundled, tmp_path):
         "lm_head.weight": sd["language_model.model.embed_tokens.weight"] + 1})
     with pytest.raises(ValueError, match="LM head that differs"):
         PaliGemmaForConditionalGeneration.from_pretrained(head, quantize="int8")
-    same = _copy_folder(src, tmp_path / "same", tensors=lambda sd: sd | {"lm_head.weight": sd["language_model.model.embed_tokens.weight"].clone()})
+    same = _copy_folder(src, tmp_path / "same",
+                        tensors=lambda sd: sd | {"lm_head.weight": sd["language_model.model.embed_tokens.weight"].clone()})
     PaliGemmaForConditionalGeneration.from_pretrained(same, quantize="int8")  # an equal head is fine
 
 

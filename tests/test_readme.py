@@ -14,5 +14,6 @@ def test_readme_matches_index_notebook():
 def test_readme_links_exist():
     import re
     text = (ROOT / "README.md").read_text()
-    for link in re.findall(r"\]\(((?:nbs|benchmarks|paligemma_edu)/[^)#]+)\)", text) + re.findall(r"\]\((BENCHMARKS\.md)\)", text):
+    links = re.findall(r"\]\(((?:nbs|benchmarks|paligemma_edu)/[^)#]+)\)", text) + re.findall(r"\]\((BENCHMARKS\.md)\)", text)
+    for link in links:
         assert (ROOT / link).exists(), f"README links to missing {link}"

@@ -10,6 +10,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,9 +20,9 @@ from .paligemma import PaliGemmaConfig
 
 # %% auto #0
 __all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'read_index', 'find_weight_files', 'all_finite', 'CheckpointError',
-           'read_safetensors', 'map_key', 'remap_state_dict', 'check_state_dict', 'tie_head', 'skip_init_weights',
-           'load_into', 'resolve_folder', 'from_pretrained', 'to_published_key', 'stale_weight_files',
-           'save_pretrained']
+           'read_safetensors', 'read_npz', 'map_key', 'remap_state_dict', 'check_state_dict', 'tie_head',
+           'skip_init_weights', 'load_into', 'resolve_folder', 'from_pretrained', 'to_published_key',
+           'stale_weight_files', 'save_pretrained']
 
 # %% ../nbs/12_checkpoints.ipynb #b4bc2783
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -87,6 +88,30 @@ def read_safetensors(files, weight_map: dict | None = None) -> dict:
         except CheckpointError: raise
         except Exception as e:
             raise ValueError(f"could not read safetensors file {str(f)!r} (truncated or corrupt?): {e}") from None
+    return out
+
+# %% ../nbs/12_checkpoints.ipynb #b9e617e7
+def _to_torch(a: np.ndarray) -> torch.Tensor:
+    "A numpy array from an .npz as a tensor; bfloat16, which numpy saves as 2-byte 'void', is viewed back."
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2: return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    if a.dtype.kind != "f": raise TypeError(f"expected floating-point parameters; found dtype {a.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+def read_npz(path) -> dict:
+    "Every array of an .npz of weights (big_vision's) by name, 'params/' prefix dropped, read without pickle."
+    path = check_regular_file(path, ".npz weights file")
+    try:
+        with np.load(path, allow_pickle=False) as z: arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        first_line = str(e).splitlines()[0][:120]
+        raise ValueError(f"could not read {str(path)!r} as an .npz of weights ({type(e).__name__}: {first_line})") from None
+    if arrays and all(k.startswith("params/") for k in arrays): arrays = {k[len("params/"):]: v for k, v in arrays.items()}
+    out = {}
+    for k, a in arrays.items():
+        try: t = _to_torch(a)
+        except TypeError as e: raise ValueError(f"{path}: parameter {k!r}: {e}") from None
+        if not all_finite(t): raise ValueError(f"{path}: parameter {k!r} holds NaN or infinite values")
+        out[k] = t
     return out
 
 # %% ../nbs/12_checkpoints.ipynb #208fc857
@@ -167,7 +192,8 @@ def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.m
     "A local folder for `path`: a folder here, or a Hub repo id ('org/name') fetched with huggingface_hub."
     if isinstance(path, (str, os.PathLike)) and not str(path).strip():
         raise ValueError("the checkpoint path is empty; give a folder or a Hub repo id ('' would mean the current folder)")
-    if not isinstance(path, (str, os.PathLike)): raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
     folder = Path(path)
     if folder.exists():
         if not folder.is_dir(): raise NotADirectoryError(f"{str(path)!r} is a file; expected a checkpoint folder")

@@ -52,7 +52,8 @@ def cmd_generate(args):
     images = [load_image(p) for p in args.image]
     prompts = args.prompt if len(args.prompt) == len(images) else (args.prompt * len(images) if len(args.prompt) == 1 else None)
     if prompts is None:
-        raise ValueError(f"give one --prompt for all images or one per image; got {len(args.prompt)} prompts for {len(images)} images")
+        raise ValueError(f"give one --prompt for all images or one per image; "
+                         f"got {len(args.prompt)} prompts for {len(images)} images")
     model, proc = _load(args.model, args.device, args.dtype, args.quantize)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                top_p=args.top_p, top_k=args.top_k, seed=args.seed, compile=args.compile or False)

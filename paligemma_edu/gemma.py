@@ -85,7 +85,9 @@ class GemmaConfig:
         d["hidden_act"] = d["hidden_activation"]
         d["rope_parameters"] = {"rope_theta": d["rope_theta"], "rope_type": "default"}
         if self.model_type == "gemma":
-            for k in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "layer_types"):
+            gemma2_only = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+                           "layer_types")
+            for k in gemma2_only:
                 d.pop(k)
         return d
 

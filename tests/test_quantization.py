@@ -233,3 +233,15 @@ def test_benchmark_script_quick(tmp_path):
     assert {"ours_bf16", "ours_int8", "ours_int4"} <= set(res["full"]["memory"])
     assert res["full"]["onload"]["int4"]["peak_rss_gb"] > 0
     assert "| ours int4, saved quantized checkpoint |" in (tmp_path / "quantization.md").read_text()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fixed_shape_decoding_of_a_quantized_model(bundled, bits):
+    "The fixed-shape decode step of 19_fast_decoding runs a quantized model and gives its eager greedy tokens."
+    model, processor = bundled
+    q = quantize(copy.deepcopy(model), bits)
+    image, _ = make_scene(11)
+    inputs = processor(images=[image, image], text=["caption en", "detect circle"])
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], inputs["token_type_ids"])
+    eager = q.generate(*args, max_new_tokens=12)
+    assert torch.equal(q.generate(*args, max_new_tokens=12, compile="static"), eager)

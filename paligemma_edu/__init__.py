@@ -10,11 +10,14 @@ from .gemma import GemmaConfig, GemmaForCausalLM
 from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor, PaliGemmaTokenizer, build_paligemma_tokenizer
 from .generate import generate, answer, TextStreamer, parse_detections, draw_boxes, loc_tokens
-from .paligemma2 import paligemma2_3b_config
+from .paligemma2 import paligemma2_config, paligemma2_3b_config
 from .bundled import load_bundled_model
+from .big_vision import from_big_vision
+from .quantization import quantize
 
 __all__ = ["pick_device", "pick_dtype", "seed_everything", "compare_layers", "evaluating", "model_device",
            "SiglipImageProcessor", "load_image", "to_pil", "SiglipVisionConfig", "SiglipVisionModel", "KVCache",
            "GemmaConfig", "GemmaForCausalLM", "PaliGemmaConfig", "PaliGemmaForConditionalGeneration",
            "PaliGemmaProcessor", "PaliGemmaTokenizer", "build_paligemma_tokenizer", "generate", "answer", "TextStreamer",
-           "parse_detections", "draw_boxes", "loc_tokens", "paligemma2_3b_config", "load_bundled_model"]
+           "parse_detections", "draw_boxes", "loc_tokens", "paligemma2_config", "paligemma2_3b_config",
+           "load_bundled_model", "from_big_vision", "quantize"]

@@ -6,16 +6,15 @@
 from __future__ import annotations
 import copy
 
-import numpy as np
 import torch
 
-from .core import check_regular_file, pick_device, pick_dtype
+from .core import pick_device, pick_dtype
 from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-from .checkpoints import all_finite, load_into, skip_init_weights
+from .checkpoints import load_into, read_npz, skip_init_weights
 
 # %% auto #0
-__all__ = ['plot_padded_row_drift', 'big_vision_shapes', 'read_npz', 'check_big_vision', 'vision_from_big_vision',
-           'text_from_big_vision', 'from_big_vision']
+__all__ = ['plot_padded_row_drift', 'big_vision_shapes', 'check_big_vision', 'vision_from_big_vision', 'text_from_big_vision',
+           'from_big_vision']
 
 # %% ../nbs/21_big_vision.ipynb #c03f6810
 def plot_padded_row_drift(per_step: dict, ax=None):
@@ -60,29 +59,6 @@ def big_vision_shapes(cfg: PaliGemmaConfig) -> dict:
     return s
 
 # %% ../nbs/21_big_vision.ipynb #9030c4c5
-def _to_torch(a: np.ndarray) -> torch.Tensor:
-    "A numpy array from an .npz as a tensor; bfloat16, which numpy saves as 2-byte 'void', is viewed back."
-    if a.dtype.kind == "V" and a.dtype.itemsize == 2: return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-    if a.dtype.kind != "f": raise TypeError(f"expected floating-point parameters; found dtype {a.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-def read_npz(path) -> dict:
-    "Every array of a big_vision .npz by name ('params/' prefix dropped), read without pickle; errors name the file."
-    path = check_regular_file(path, "big_vision checkpoint")
-    try:
-        with np.load(path, allow_pickle=False) as z: arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        first_line = str(e).splitlines()[0][:120]
-        raise ValueError(f"could not read {str(path)!r} as a big_vision .npz ({type(e).__name__}: {first_line})") from None
-    if arrays and all(k.startswith("params/") for k in arrays): arrays = {k[len("params/"):]: v for k, v in arrays.items()}
-    out = {}
-    for k, a in arrays.items():
-        try: t = _to_torch(a)
-        except TypeError as e: raise ValueError(f"{path}: parameter {k!r}: {e}") from None
-        if not all_finite(t): raise ValueError(f"{path}: parameter {k!r} holds NaN or infinite values")
-        out[k] = t
-    return out
-
 def check_big_vision(params: dict, cfg: PaliGemmaConfig, where: str = "checkpoint", pad_vocab: bool = False):
     "Raise one error naming every missing, unexpected and mis-shaped parameter against `big_vision_shapes(cfg)`."
     want = big_vision_shapes(cfg)

@@ -10,6 +10,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -19,9 +20,9 @@ from .paligemma import PaliGemmaConfig
 
 # %% auto #0
 __all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'read_index', 'find_weight_files', 'all_finite', 'CheckpointError',
-           'read_safetensors', 'map_key', 'remap_state_dict', 'check_state_dict', 'tie_head', 'skip_init_weights',
-           'load_into', 'resolve_folder', 'from_pretrained', 'to_published_key', 'stale_weight_files',
-           'save_pretrained']
+           'read_safetensors', 'read_npz', 'map_key', 'remap_state_dict', 'check_state_dict', 'tie_head',
+           'skip_init_weights', 'load_into', 'resolve_folder', 'from_pretrained', 'to_published_key',
+           'stale_weight_files', 'save_pretrained']
 
 # %% ../nbs/12_checkpoints.ipynb #b4bc2783
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -87,6 +88,30 @@ def read_safetensors(files, weight_map: dict | None = None) -> dict:
         except CheckpointError: raise
         except Exception as e:
             raise ValueError(f"could not read safetensors file {str(f)!r} (truncated or corrupt?): {e}") from None
+    return out
+
+# %% ../nbs/12_checkpoints.ipynb #b9e617e7
+def _to_torch(a: np.ndarray) -> torch.Tensor:
+    "A numpy array from an .npz as a tensor; bfloat16, which numpy saves as 2-byte 'void', is viewed back."
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2: return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    if a.dtype.kind != "f": raise TypeError(f"expected floating-point parameters; found dtype {a.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+def read_npz(path) -> dict:
+    "Every array of an .npz of weights (big_vision's) by name, 'params/' prefix dropped, read without pickle."
+    path = check_regular_file(path, ".npz weights file")
+    try:
+        with np.load(path, allow_pickle=False) as z: arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        first_line = str(e).splitlines()[0][:120]
+        raise ValueError(f"could not read {str(path)!r} as an .npz of weights ({type(e).__name__}: {first_line})") from None
+    if arrays and all(k.startswith("params/") for k in arrays): arrays = {k[len("params/"):]: v for k, v in arrays.items()}
+    out = {}
+    for k, a in arrays.items():
+        try: t = _to_torch(a)
+        except TypeError as e: raise ValueError(f"{path}: parameter {k!r}: {e}") from None
+        if not all_finite(t): raise ValueError(f"{path}: parameter {k!r} holds NaN or infinite values")
+        out[k] = t
     return out
 
 # %% ../nbs/12_checkpoints.ipynb #208fc857
@@ -167,7 +192,8 @@ def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.m
     "A local folder for `path`: a folder here, or a Hub repo id ('org/name') fetched with huggingface_hub."
     if isinstance(path, (str, os.PathLike)) and not str(path).strip():
         raise ValueError("the checkpoint path is empty; give a folder or a Hub repo id ('' would mean the current folder)")
-    if not isinstance(path, (str, os.PathLike)): raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
     folder = Path(path)
     if folder.exists():
         if not folder.is_dir(): raise NotADirectoryError(f"{str(path)!r} is a file; expected a checkpoint folder")
@@ -176,12 +202,15 @@ def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.m
         raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
     return _download(str(path), list(allow_patterns))  # looks like a Hub repo id: "org/name"
 
-def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa"):
-    "Load a PaliGemma checkpoint folder (HF layout) strictly, without random initialisation."
+def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa", quantize=None):
+    "Load a PaliGemma checkpoint folder (HF layout) strictly, without random initialisation; quantize: 'int8' or 'int4'."
     folder = resolve_folder(path)
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
+    if quantize is not None or "quantization_config" in read_json(cfg_file, "config"):  # see 20_quantization
+        from paligemma_edu.quantization import from_pretrained_quantized
+        return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
     cfg = PaliGemmaConfig.from_json_file(cfg_file)
     cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
     dtype, device = pick_dtype(dtype), pick_device(device)
@@ -217,7 +246,9 @@ def save_pretrained(model, folder, processor=None):
     if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
     folder = Path(folder)
     with StagedFolder(folder) as st:
-        st.write_text("config.json", json.dumps(model.cfg.to_dict(), indent=2))
+        cfg = model.cfg.to_dict()  # a quantized model (20_quantization) also records its settings; its state_dict is portable
+        if getattr(model, "quantization", None) is not None: cfg["quantization_config"] = model.quantization
+        st.write_text("config.json", json.dumps(cfg, indent=2))
         sd = {to_published_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != HEAD}
         save_file(sd, str(st.path(SINGLE)), metadata={"format": "pt"})
         stale = stale_weight_files(folder)

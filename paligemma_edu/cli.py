@@ -20,12 +20,12 @@ def _model_folder(model_dir) -> Path:
     from paligemma_edu.bundled import bundled_model_path
     return Path(model_dir) if model_dir is not None else bundled_model_path()
 
-def _load(model_dir, device=None, dtype=None):
-    "Model and processor from a checkpoint folder (the bundled one when None)."
+def _load(model_dir, device=None, dtype=None, quantize=None):
+    "Model and processor from a checkpoint folder (the bundled one when None), optionally quantized while loading."
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
     from paligemma_edu.processor import PaliGemmaProcessor
     folder = _model_folder(model_dir)
-    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize)
     return model, PaliGemmaProcessor.from_pretrained(folder)
 
 def _load_codec(model_dir, codec_path=None):
@@ -72,7 +72,7 @@ def cmd_generate(args):
     if prompts is None:
         raise ValueError(f"give one --prompt for all images or one per image; got {n_p} prompts for {n_i} images")
     codec = _load_codec(args.model, args.codec) if masks is not None else None
-    model, proc = _load(args.model, args.device, args.dtype)
+    model, proc = _load(args.model, args.device, args.dtype, args.quantize)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                top_p=args.top_p, top_k=args.top_k, seed=args.seed, compile=args.compile or False)
     if len(images) == 1:
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive_int, default=32)
     g.add_argument("--device", default=None, help="cpu (default), cuda, or auto")
     g.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
+    g.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the weights while loading: int8, or int4 for the smallest memory (see 20_quantization)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=None)

@@ -62,7 +62,7 @@ def decode_bytes_per_step(model, batch_size: int = 1, seq_len: int = 0, bytes_pe
     "Bytes a decode step reads: text-layer weights, the tied embedding (as LM head), the KV cache of every row."
     lm = model.language_model if isinstance(model, PaliGemmaForConditionalGeneration) else model
     c = lm.cfg
-    n = sum(p.numel() for p in lm.model.layers.parameters()) + lm.model.norm.weight.numel() + lm.model.embed_tokens.weight.numel()
+    n = sum(p.numel() for p in lm.model.layers.parameters()) + lm.model.norm.weight.numel() + c.vocab_size * c.hidden_size
     kv = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, bytes_per_value)
     return n * bytes_per_value + batch_size * seq_len * kv
 
@@ -83,7 +83,7 @@ class StaticDecodeStep(nn.Module):
         super().__init__()
         self.is_vlm = isinstance(model, PaliGemmaForConditionalGeneration)
         self.lm = model.language_model if self.is_vlm else model
-        cfg, w = self.lm.cfg, self.lm.model.embed_tokens.weight
+        cfg, w = self.lm.cfg, self.lm.model.norm.weight  # dtype and device (the embedding may be stored quantized)
         self.kv = self.lm.new_cache(batch_size, max_len)                     # (B, K, L, Dh) per layer
         self.cache = SlotCache(self.kv, torch.zeros(1, dtype=torch.long, device=w.device))
         self.slot = self.cache.slot                                           # (1,) where this step writes

@@ -85,7 +85,9 @@ class GemmaConfig:
         d["hidden_act"] = d["hidden_activation"]
         d["rope_parameters"] = {"rope_theta": d["rope_theta"], "rope_type": "default"}
         if self.model_type == "gemma":
-            for k in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "layer_types"):
+            gemma2_only = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+                           "layer_types")
+            for k in gemma2_only:
                 d.pop(k)
         return d
 
@@ -183,13 +185,13 @@ class GemmaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
     def embed(self, input_ids):  # (B, T) -> (B, T, D)
-        "Embedding lookup times sqrt(hidden_size) (rounded to the weight dtype), with a vocabulary check."
+        "Embedding lookup times sqrt(hidden_size) (rounded to the embedding's dtype), with a vocabulary check."
         out_of_range = (input_ids < 0) | (input_ids >= self.cfg.vocab_size)
         if out_of_range.any():  # one reduction, one host sync
             bad = input_ids[out_of_range]
             raise ValueError(f"input ids must be in [0, {self.cfg.vocab_size}); found {bad[:5].tolist()}")
-        w = self.embed_tokens.weight
-        return self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=w.dtype, device=w.device)
+        e = self.embed_tokens(input_ids)  # dtype and device from the output: the table may be stored quantized
+        return e * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=e.dtype, device=e.device)
 
     def attention_biases(self, attention_mask, T, prefix_mask, dtype, past: int = 0):
         "Additive masks for full and (if any) sliding-window layers; None where nothing is masked."
@@ -198,7 +200,7 @@ class GemmaModel(nn.Module):
             if w is None or past + 1 <= w: return None, None
         if attention_mask is None:
             attention_mask = torch.ones(prefix_mask.shape[0] if prefix_mask is not None else 1, past + T,
-                                        dtype=torch.long, device=self.embed_tokens.weight.device)
+                                        dtype=torch.long, device=self.norm.weight.device)
         full = mask_to_bias(attention_mask_bool(attention_mask, T, prefix_mask), dtype)
         if self.cfg.sliding_window is None or not any(l.is_sliding for l in self.layers): return full, full
         return full, mask_to_bias(attention_mask_bool(attention_mask, T, prefix_mask, self.cfg.sliding_window), dtype)
@@ -262,7 +264,7 @@ class GemmaForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         "An empty KV cache sized for this model."
-        w = self.model.embed_tokens.weight
+        w = self.model.norm.weight  # not the embedding, which may be stored quantized
         return KVCache(self.cfg.num_hidden_layers, batch_size, self.cfg.num_key_value_heads, self.cfg.head_dim,
                        max_len, dtype or w.dtype, device or w.device)
 

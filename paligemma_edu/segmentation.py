@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from .big_vision import read_npz
+from .checkpoints import read_npz
 from .checkpoints import check_state_dict, read_safetensors
 from .core import StagedFolder, evaluating, pick_device, pick_dtype, read_json
 from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections

@@ -260,7 +260,7 @@ def test_loader_is_strict(tiny_npz, tmp_path):
     with pytest.raises(ValueError, match="could not read .*obj.npz"): load_big_vision_codec(tmp_path / "obj.npz")
     np.save(tmp_path / "one.npy", np.zeros(3))
     with pytest.raises(ValueError, match="could not read .*one.npy"): load_big_vision_codec(tmp_path / "one.npy")
-    with pytest.raises(FileNotFoundError, match="no big_vision checkpoint at"): load_big_vision_codec(tmp_path / "none.npz")
+    with pytest.raises(FileNotFoundError, match="no .npz weights file at"): load_big_vision_codec(tmp_path / "none.npz")
     np.savez(tmp_path / "other.npz", weight=np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="is not a big_vision mask VQ-VAE"): load_big_vision_codec(tmp_path / "other.npz")
 

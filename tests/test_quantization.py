@@ -1,0 +1,247 @@
+"""Quantized layers against the dequantized reference, strict save / load round trips, mismatch errors, quantizing while
+loading against quantizing after, memory while quantizing on load, the bundled model's answers, the CLI flag."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+from paligemma_edu.quantization import (QuantEmbedding, QuantLinear, TiedHead, dequantize_int4, fake_quantize, quantize,
+                                        quantize_int4, unpack_int4_cpu)
+from paligemma_edu.shapes import make_scene
+from paligemma_edu.bundled import bundled_model_path, load_bundled_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_bundled_model()
+
+
+@pytest.fixture(scope="module")
+def saved(bundled, tmp_path_factory):
+    "The bundled model quantized in int8 and int4, saved with the processor."
+    model, processor = bundled
+    d = tmp_path_factory.mktemp("quantized")
+    return {bits: quantize(copy.deepcopy(model), bits).save_pretrained(d / f"int{bits}", processor=processor)
+            for bits in (8, 4)}
+
+
+# ------------------------------------------------------------------------------------------------------- layers
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("N, K", [(100, 269), (64, 192), (48, 4304)])
+def test_quant_linear_matches_dequantized_reference(bits, N, K):
+    torch.manual_seed(N + K)
+    lin = nn.Linear(K, N)
+    q = QuantLinear.from_linear(lin, bits)
+    ref_w = fake_quantize(lin.weight.detach(), bits)  # quantize -> dequantize, plainly
+    torch.testing.assert_close(q.dequantize(), ref_w)
+    for M in (1, 3, 40):  # the kernels (few rows) and the dequantized float matmul (many)
+        x = torch.randn(2, M, K)
+        torch.testing.assert_close(q(x), x @ ref_w.T + lin.bias, rtol=1e-5, atol=1e-5)
+    qb = QuantLinear.from_linear(copy.deepcopy(lin).bfloat16(), bits)
+    for M in (1, 40):
+        x = torch.randn(M, K).bfloat16()
+        ref = x.float() @ qb.dequantize().T + qb.bias.float()
+        torch.testing.assert_close(qb(x).float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_int4_codes_are_the_min_max_codes():
+    w = torch.randn(80, 128)
+    q, s, z = quantize_int4(w, 64)
+    assert (w - dequantize_int4(q, s, z, 64)).abs().reshape(80, 2, 64).le(s[..., None] / 2 + 1e-6).all()
+    layer = QuantLinear.from_linear(nn.Linear(128, 80, bias=False).requires_grad_(False).eval(), 4)
+    layer.quantize_(w)
+    assert torch.equal(unpack_int4_cpu(layer.qweight), q)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_int4_layout_on_other_cpu_capabilities(capability):
+    "The kernel's packing depends on the CPU; the probe must find each layout and the kernel must match the reference."
+    code = ("import torch; from paligemma_edu.quantization import *; torch.manual_seed(0); w = torch.randn(112, 320);"
+            "q, s, z = quantize_int4(w, 64);"
+            "p = pack_int4_cpu(q); assert torch.equal(unpack_int4_cpu(p), q); x = torch.randn(3, 320);"
+            "sz = torch.stack([s, z], -1).transpose(0, 1).contiguous();"
+            "torch.testing.assert_close(torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 64, sz),"
+            " x @ dequantize_int4(q, s, z, 64).T,"
+            " rtol=1e-5, atol=1e-4); print(torch.backends.cpu.get_cpu_capability(), int4_cpu_layout())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[0].lower() == capability
+
+
+def test_tied_table_serves_embedding_and_head(bundled):
+    model, _ = bundled
+    q = quantize(copy.deepcopy(model), 4)
+    lm = q.language_model
+    assert isinstance(lm.model.embed_tokens, QuantEmbedding) and isinstance(lm.lm_head, TiedHead)
+    assert lm.lm_head.embedding is lm.model.embed_tokens
+    assert not any(k.startswith("language_model.lm_head") for k in q.state_dict())  # the table is stored once
+    w = model.language_model.model.embed_tokens.weight.detach()
+    ids = torch.tensor([[0, 7, 1552]])
+    torch.testing.assert_close(lm.model.embed_tokens(ids), fake_quantize(w, 8)[ids])
+
+
+def test_bad_settings_are_errors(bundled):
+    model, _ = bundled
+    with pytest.raises(ValueError, match="vision_towr"): quantize(copy.deepcopy(model), 4, skip=["vision_towr"])
+    with pytest.raises(ValueError, match="group_size"): quantize(copy.deepcopy(model), 4, group_size=100)
+    with pytest.raises(ValueError, match="bits"): quantize(copy.deepcopy(model), 3)
+    with pytest.raises(TypeError, match="skip"): quantize(copy.deepcopy(model), 8, skip="vision_tower")
+
+
+# ------------------------------------------------------------------------------------------------------- save / load
+def test_save_load_round_trip(bundled, saved):
+    model, processor = bundled
+    inputs = processor(images=[make_scene(2)[0]], text=["detect triangle"])
+    for bits, folder in saved.items():
+        ref = quantize(copy.deepcopy(model), bits)
+        back = PaliGemmaForConditionalGeneration.from_pretrained(folder)
+        assert back.quantization == ref.quantization
+        a, b = ref.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        with torch.no_grad(): assert torch.equal(back(**inputs).logits, ref(**inputs).logits)
+        cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+        assert cfg["bits"] == bits and cfg["quant_method"] == "paligemma_edu"
+        assert not list(folder.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_quantize_on_load_equals_quantize_after_load(bundled):
+    model, _ = bundled
+    for kw in (dict(bits=8), dict(bits=4), dict(bits=4, group_size=32, skip=["vision_tower", "*.embed_tokens"])):
+        after = quantize(copy.deepcopy(model), **kw).state_dict()
+        on_load = PaliGemmaForConditionalGeneration.from_pretrained(bundled_model_path(), quantize=kw).state_dict()
+        assert after.keys() == on_load.keys() and all(torch.equal(after[k], on_load[k]) for k in after)
+    bf16 = PaliGemmaForConditionalGeneration.from_pretrained(bundled_model_path(), dtype="bfloat16", quantize="int4")
+    after = quantize(copy.deepcopy(model).bfloat16(), 4).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in bf16.state_dict().items())
+
+
+def test_quantize_on_load_rounds_to_dtype_first(bundled, tmp_path):
+    "A float32 checkpoint loaded in bfloat16: quantizing on load equals loading in bfloat16, then quantizing."
+    model = copy.deepcopy(bundled[0])
+    with torch.no_grad():  # weights that are not already bfloat16 numbers
+        for p in model.parameters(): p.add_(torch.randn_like(p) * 1e-3)
+    f32 = model.save_pretrained(tmp_path / "f32")
+    for q in ("int8", "int4"):
+        on_load = PaliGemmaForConditionalGeneration.from_pretrained(f32, dtype="bfloat16", quantize=q).state_dict()
+        after = quantize(PaliGemmaForConditionalGeneration.from_pretrained(f32, dtype="bfloat16"), int(q[3:])).state_dict()
+        assert all(torch.equal(after[k], v) for k, v in on_load.items())
+
+
+def _copy_folder(src, dst, config=None, tensors=None):
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config(cfg) if config else cfg))
+    sd = load_file(src / "model.safetensors")
+    save_file(tensors(sd) if tensors else sd, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_settings_and_tensors_disagree(saved, tmp_path):
+    int8, int4 = saved[8], saved[4]
+    claims_int4 = lambda c: c | {"quantization_config": c["quantization_config"] | {"bits": 4, "group_size": 64}}
+    lie = _copy_folder(int8, tmp_path / "lie", config=claims_int4)
+    with pytest.raises(ValueError, match=r"do not match the quantization settings.*mis-shaped.*qweight"):
+        PaliGemmaForConditionalGeneration.from_pretrained(lie)
+    key = "language_model.model.layers.1.mlp.down_proj.zero"
+    gone = _copy_folder(int4, tmp_path / "gone", tensors=lambda sd: {k: v for k, v in sd.items() if k != key})
+    with pytest.raises(ValueError, match=rf"1 missing: \['{key}'\]"): PaliGemmaForConditionalGeneration.from_pretrained(gone)
+    key = "language_model.model.layers.0.self_attn.q_proj.qweight"
+    signed = _copy_folder(int4, tmp_path / "signed", tensors=lambda sd: sd | {key: sd[key].view(torch.int8)})
+    with pytest.raises(ValueError, match=rf"{key}: expected torch.uint8, found torch.int8"):
+        PaliGemmaForConditionalGeneration.from_pretrained(signed)
+    foreign = _copy_folder(int8, tmp_path / "foreign",
+                           config=lambda c: c | {"quantization_config": {"quant_method": "bitsandbytes"}})
+    with pytest.raises(ValueError, match="bitsandbytes"): PaliGemmaForConditionalGeneration.from_pretrained(foreign)
+    load = PaliGemmaForConditionalGeneration.from_pretrained
+    with pytest.raises(ValueError, match="already quantized"): load(int8, quantize="int4")
+    with pytest.raises(ValueError, match="'int8', 'int4'"): load(int8, quantize="fp8")
+
+
+def test_float_checkpoint_with_a_different_head_is_refused(bundled, tmp_path):
+    model, _ = bundled
+    src = model.save_pretrained(tmp_path / "float")
+    head = _copy_folder(src, tmp_path / "head", tensors=lambda sd: sd | {
+        "lm_head.weight": sd["language_model.model.embed_tokens.weight"] + 1})
+    with pytest.raises(ValueError, match="LM head that differs"):
+        PaliGemmaForConditionalGeneration.from_pretrained(head, quantize="int8")
+    same = _copy_folder(src, tmp_path / "same",
+                        tensors=lambda sd: sd | {"lm_head.weight": sd["language_model.model.embed_tokens.weight"].clone()})
+    PaliGemmaForConditionalGeneration.from_pretrained(same, quantize="int8")  # an equal head is fine
+
+
+def test_quantizing_on_load_never_holds_the_float_model(tmp_path):
+    "Peak memory while quantizing a 0.2 GB bf16 checkpoint to int4 on load stays well under the float weights' size."
+    code = f"""
+import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+import torch, quantization as qb, run as bench
+from pathlib import Path
+cfg = bench.mid_config()
+folder = Path({str(tmp_path / 'mid')!r}); qb.write_random_bf16(cfg, folder)
+from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+import paligemma_edu.checkpoints, paligemma_edu.quantization  # noqa
+bench.reset_peak_rss(); base = bench.current_rss_mb("VmHWM")
+m = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype="bfloat16", quantize="int4")
+print(json.dumps(dict(peak=bench.current_rss_mb("VmHWM") - base, file=(folder / "model.safetensors").stat().st_size / 2**20)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["file"] > 200 and res["peak"] < 0.6 * res["file"], res
+
+
+# ------------------------------------------------------------------------------------------------------- answers, CLI
+def test_bundled_model_still_answers(bundled):
+    model, processor = bundled
+    from paligemma_edu.generate import answer
+    from paligemma_edu.train import held_out_set
+    items = held_out_set(6, seed=77)
+    images, prompts = [it["image"] for it in items], [it["prompt"] for it in items]
+    ref = answer(model, processor, images, prompts, max_new_tokens=24)
+    for bits, floor in ((8, 0.95), (4, 0.85)):
+        got = answer(quantize(copy.deepcopy(model), bits), processor, images, prompts, max_new_tokens=24)
+        same = sum(a == b for a, b in zip(got, ref)) / len(ref)
+        assert same >= floor, (bits, same, [(p, a, b) for p, a, b in zip(prompts, got, ref) if a != b][:5])
+
+
+def test_cli_generate_quantized(tmp_path, capsys):
+    from paligemma_edu.cli import main
+    image, _ = make_scene(4)
+    image.save(tmp_path / "scene.png")
+    assert main(["generate", "--image", str(tmp_path / "scene.png"), "--prompt", "answer en how many shapes are there?",
+                 "--quantize", "int4"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_benchmark_script_quick(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/quantization.py", "--quick", "--kernels", "--full", "--threads", "1",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "quantization.json").read_text())
+    assert {"ours_bf16", "ours_int8", "ours_int4"} <= set(res["full"]["memory"])
+    assert res["full"]["onload"]["int4"]["peak_rss_gb"] > 0
+    assert "| ours int4, saved quantized checkpoint |" in (tmp_path / "quantization.md").read_text()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fixed_shape_decoding_of_a_quantized_model(bundled, bits):
+    "The fixed-shape decode step of 19_fast_decoding runs a quantized model and gives its eager greedy tokens."
+    model, processor = bundled
+    q = quantize(copy.deepcopy(model), bits)
+    image, _ = make_scene(11)
+    inputs = processor(images=[image, image], text=["caption en", "detect circle"])
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], inputs["token_type_ids"])
+    eager = q.generate(*args, max_new_tokens=12)
+    assert torch.equal(q.generate(*args, max_new_tokens=12, compile="static"), eager)

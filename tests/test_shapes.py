@@ -243,7 +243,7 @@ def test_score_detection_matching():
 
 # Every word (whitespace-separated, location tokens excluded) a prompt or an answer of the shapes tasks can contain.
 TASK_WORDS = {"caption", "en", "detect", "segment", "answer", "what", "color", "is", "the", "how", "many", "shapes", "are",
-              "there?",              "a", "and", *SHAPES, *COLORS, *NUMBER_WORDS, *(f"{s}?" for s in SHAPES), *(f"{s}," for s in SHAPES),
+              "there?", "a", "and", *SHAPES, *COLORS, *NUMBER_WORDS, *(f"{s}?" for s in SHAPES), *(f"{s}," for s in SHAPES),
               *(f"{c}?" for c in COLORS)}
 
 

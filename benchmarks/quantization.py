@@ -87,8 +87,7 @@ def worker(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints
-    import paligemma_edu.generate  # noqa: F401
+    import paligemma_edu.checkpoints, paligemma_edu.generate, paligemma_edu.quantization  # noqa: F401 (loaded before the baseline)
     if a.impl.startswith("hf"):
         import transformers  # noqa: F401  (imported before the baseline, like ours)
     base = peak_rss_gb()
@@ -118,8 +117,6 @@ def worker_paired(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints
-    import paligemma_edu.generate  # noqa: F401
     cfg = json.loads((Path(a.folder) / "config.json").read_text())
     hf = bench.load("hf_eager", a.folder, torch.bfloat16)
     ours = PaliGemmaForConditionalGeneration.from_pretrained(a.model, dtype="bfloat16")
@@ -150,20 +147,22 @@ def run_accuracy(a) -> dict:
     import torch
     from paligemma_edu.quantization import quantize
     from paligemma_edu.bundled import load_bundled_model
+    from paligemma_edu.segmentation import load_mask_codec
     from paligemma_edu.train import evaluate_model
     torch.set_num_threads(a.threads)
     model, processor = load_bundled_model()
+    codec = load_mask_codec()
     n = 5 if a.quick else a.n
     res, secs = {}, {}
     for name, bits in (("float", None), ("int8", 8), ("int4", 4)):
         m = model if bits is None else quantize(copy.deepcopy(model), bits)
         t0 = time.perf_counter()
-        res[name] = evaluate_model(m, processor, n_per_task=n)
+        res[name] = evaluate_model(m, processor, n_per_task=n, codec=codec)
         secs[name] = round(time.perf_counter() - t0, 1)
         print(f"  {name}: {secs[name]} s", flush=True)
-    metric = lambda t: "hit@0.5" if t == "detect" else "exact"
-    table = {f"{t} ({'boxes found, IoU >= 0.5' if t == 'detect' else 'exact match'})":
-             {k: res[k][t][metric(t)] for k in res} for t in res["float"]}
+    metric = {"detect": ("hit@0.5", "boxes found, IoU >= 0.5"), "segment": ("mask_iou", "mean mask IoU")}
+    table = {f"{t} ({metric.get(t, ('exact', 'exact match'))[1]})":
+             {k: res[k][t][metric.get(t, ('exact',))[0]] for k in res} for t in res["float"]}
     return dict(n_per_task=n, table=table, metrics=res, seconds=secs, activations="float32",
                 command="python benchmarks/quantization.py --accuracy" + (" --quick" if a.quick else ""))
 
@@ -175,8 +174,6 @@ def run_tiny(a) -> dict:
     import transformers
     from transformers import PaliGemmaForConditionalGeneration as HF, PaliGemmaConfig as HFConfig
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints
-    import paligemma_edu.generate  # noqa: F401
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(a.threads)
     cfg = dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -182,6 +182,8 @@ def parse_recipe(text: str | None) -> dict:
 # %% ../nbs/17_bundled_model.ipynb #935c3349
 def _replace_folder(tmp: Path, target: Path, overwrite: bool):
     "Move the finished folder `tmp` to `target`; an existing, non-empty `target` only with `overwrite`."
+    umask = os.umask(0o022); os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # the permissions of a plain new folder (mkdtemp makes it owner-only)
     if target.exists() and any(target.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{target} exists and is not empty; choose another folder or pass overwrite=True")

@@ -1,5 +1,6 @@
 "Tests for the bundled shapes model: its folder, loading, parity with transformers, accuracy, and its training."
 import json
+import os
 import time
 
 import pytest
@@ -171,6 +172,8 @@ def test_training_writes_a_complete_folder_atomically(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.model", "history.json", "eval.json", CODEC_CONFIG,
             CODEC_WEIGHTS, "mask_codec_history.json"} <= names
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left beside it
+    umask = os.umask(0o022); os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a plain folder, not the temporary one's owner-only mode
     info, ev = (json.loads((out / name).read_text()) for name in ("history.json", "eval.json"))
     assert info["recipe"]["codec"]["steps"] == 3 and info["codec_minutes"] <= info["train_minutes"]
     assert set(ev["metrics"]) == set(TASKS) and ev["metrics"]["segment"]["n"] == 2

@@ -87,7 +87,8 @@ def worker(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    import paligemma_edu.checkpoints, paligemma_edu.generate, paligemma_edu.quantization  # noqa: F401 (loaded before the baseline)
+    import paligemma_edu.checkpoints  # noqa: F401  (modules loaded before the baseline, as transformers below)
+    import paligemma_edu.generate  # noqa: F401
     if a.impl.startswith("hf"):
         import transformers  # noqa: F401  (imported before the baseline, like ours)
     base = peak_rss_gb()
@@ -341,8 +342,7 @@ def targets_table(res: dict) -> str:
                 lambda v: v <= TARGETS["prefill_slowdown"])
     acc = res.get("accuracy")
     if acc:
-        d8 = min(r["int8"] - r["float"] for r in acc["table"].values())
-        d4 = min(r["int4"] - r["float"] for r in acc["table"].values())
+        d8, d4 = (round(min(r[q] - r["float"] for r in acc["table"].values()), 4) + 0.0 for q in ("int8", "int4"))
         L += [f"| bundled model, every task within {TARGETS['acc_int8']:.0%} of float in int8 | worst {d8:+.1%} | "
               f"{yes(d8 >= -TARGETS['acc_int8'])} |",
               f"| bundled model, every task within {TARGETS['acc_int4']:.0%} of float in int4 | worst {d4:+.1%} | "
@@ -371,7 +371,7 @@ def write_report(out: Path, res: dict) -> Path:
         L += [f"## Bundled model, {acc['n_per_task']} held-out scenes per task (`{acc['command']}`)", "",
               "| task (metric) | float | int8 | int4 |", "|---|---|---|---|"]
         for t, r in acc["table"].items():
-            d8, d4 = r["int8"] - r["float"], r["int4"] - r["float"]
+            d8, d4 = (round(r[q] - r["float"], 4) + 0.0 for q in ("int8", "int4"))  # + 0.0: no "-0.0%"
             L.append(f"| {t} | {r['float']:.1%} | {r['int8']:.1%} ({d8:+.1%}) | {r['int4']:.1%} ({d4:+.1%}) |")
         L.append("")
     if "tiny" in res:

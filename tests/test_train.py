@@ -52,6 +52,8 @@ def test_bad_input(tmp_path, bundled):
     with pytest.raises(ValueError, match="multiple of patch_size"):
         make_shapes_processor(tmp_path, image_size=64, patch_size=10)
     with pytest.raises(ValueError, match="unknown tasks"):
+        ShapesDataset(10, weights={"point": 1.0})
+    with pytest.raises(ValueError, match="pass codec="):
         ShapesDataset(10, weights={"segment": 1.0})
     with pytest.raises(ValueError, match="steps and batch_size"):
         train(model, processor, ShapesDataset(10**9), steps=0)

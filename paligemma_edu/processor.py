@@ -211,13 +211,19 @@ def _token_rows(tokenizer, prompts: list[str], suffixes: list[str] | None) -> tu
     sfx = [tokenizer.encode(s + tokenizer.eos_token) for s in suffixes]
     return [a + b for a, b in zip(seqs, sfx)], [t + [1] * len(b) for t, b in zip(types, sfx)]
 
-def _truncate(seqs: list, types: list, max_length: int | None, truncation: bool, image_seq_length: int) -> tuple:
-    "Rows cut to `max_length` when `truncation`, else an error if any is longer."
+def _truncate(seqs: list, types: list, max_length: int | None, truncation: bool, image_seq_length: int,
+              keep: int = 0) -> tuple:
+    "Rows cut to `max_length` when `truncation`, else an error if any is longer; the first `keep` tokens are never cut."
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be an integer >= 1; found {max_length!r}")
     lengths = [len(s) for s in seqs]
     if max_length is None or max(lengths) <= max_length: return seqs, types
     if not truncation:
         raise ValueError(f"sequence lengths {lengths} exceed max_length={max_length} (image tokens: "
                          f"{image_seq_length}); raise max_length or pass truncation=True")
+    if max_length < keep:
+        raise ValueError(f"max_length={max_length} would cut into the image tokens and <bos>, which take {keep} "
+                         f"positions; give max_length >= {keep}")
     return [s[:max_length] for s in seqs], [t[:max_length] for t in types]
 
 def _padded_length(lengths: list, padding, max_length: int | None) -> int | None:
@@ -311,7 +317,8 @@ class PaliGemmaProcessor:
         has_tokens = any(IMAGE_TOKEN in t for t in text)
         prompts = [_prompt_with_image_tokens(t, len(ims), has_tokens, self.image_seq_length) for t, ims in zip(text, per_sample)]
         seqs, types = _token_rows(self.tokenizer, prompts, None if suffix is None else _as_list(suffix, "suffix"))
-        seqs, types = _truncate(seqs, types, max_length, truncation, self.image_seq_length)
+        keep = max(s.index(self.tokenizer.bos_token_id) + 1 for s in seqs)  # image tokens and <bos>: never cut
+        seqs, types = _truncate(seqs, types, max_length, truncation, self.image_seq_length, keep)
         length = _padded_length([len(s) for s in seqs], padding, max_length)
         side, mask = padding_side or self.padding_side, [[1] * len(s) for s in seqs]
         if side not in ("left", "right"): raise ValueError(f"padding_side must be 'left' or 'right'; found {side!r}")

@@ -168,6 +168,12 @@ def test_bad_input(folder, images):
         proc(images=images, text=PROMPTS, suffix=SUFFIXES[:2])
     with pytest.raises(ValueError, match=r"sequence lengths \[.*\] exceed max_length=8"):
         proc(images=images, text=PROMPTS, max_length=8)
+    for bad in (0, -1, 2.5, True, "8"):  # -1 would drop the last token and 0 every token, silently
+        with pytest.raises(ValueError, match=r"max_length must be an integer >= 1; found"):
+            proc(images=images, text=PROMPTS, max_length=bad, truncation=True)
+    with pytest.raises(ValueError, match=r"max_length=4 would cut into the image tokens and <bos>, which take 5"):
+        proc(images=images, text=PROMPTS, max_length=4, truncation=True)
+    assert proc(images=images, text=PROMPTS, max_length=5, truncation=True)["input_ids"].shape == (3, 5)
     with pytest.raises(ValueError, match="2 <image> tokens but 1 images"): proc(images=images[0], text="<image><image>hi")
     with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'; found 'middle'"):
         proc(images=images, text=PROMPTS, padding_side="middle")

@@ -18,10 +18,7 @@ from .gemma import GemmaConfig, GemmaForCausalLM, ModelOutput, default_positions
 __all__ = ['HF_TEXT_DEFAULTS', 'HF_VISION_DEFAULTS', 'HF_IMAGE_TOKEN_INDEX', 'PaliGemmaConfig', 'PaliGemmaMultiModalProjector',
            'merge_image_features', 'check_inputs', 'PaliGemmaForConditionalGeneration']
 
-# %% ../nbs/09_paligemma.ipynb #98ff2ba5
-def _paligemma_text_defaults() -> GemmaConfig: return GemmaConfig()
-def _paligemma_vision_defaults() -> SiglipVisionConfig: return SiglipVisionConfig()
-
+# %% ../nbs/09_paligemma.ipynb #056ef273
 # transformers' class defaults, for fields a config.json leaves out (it writes only values that differ from them)
 HF_TEXT_DEFAULTS = {
     "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
@@ -32,6 +29,8 @@ HF_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_la
                           image_size=224, patch_size=16, vision_use_head=True)
 HF_IMAGE_TOKEN_INDEX = 256000  # transformers' default when a file names no <image> id
 
+
+# %% ../nbs/09_paligemma.ipynb #de96fdeb
 _POSITIVE_INTS = {"": ("vocab_size", "projection_dim", "hidden_size"),
                   "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                   "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window"),
@@ -64,6 +63,11 @@ def _agree(name: str, value, other_name: str, other):
     if value is not None and value != other:
         raise ValueError(f"{name} ({value!r}) differs from {other_name} ({other!r}); they must be equal (or give only one)")
     return other
+
+
+# %% ../nbs/09_paligemma.ipynb #98ff2ba5
+def _paligemma_text_defaults() -> GemmaConfig: return GemmaConfig()
+def _paligemma_vision_defaults() -> SiglipVisionConfig: return SiglipVisionConfig()
 
 @dataclass
 class PaliGemmaConfig:
@@ -108,47 +112,7 @@ class PaliGemmaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PaliGemmaConfig":
         "Read a config.json dict as transformers does: omitted fields take transformers' defaults for their model type."
-        if not isinstance(d, dict): raise TypeError(f"a PaliGemma config must be a JSON object; found {type(d).__name__}")
-        if d.get("model_type", "paligemma") != "paligemma":
-            raise ValueError(f"expected a config of model_type 'paligemma', found {d.get('model_type')!r}")
-        given = {}
-        for name, what in (("vision_config", "SigLIP"), ("text_config", "Gemma")):
-            sub = d.get(name)
-            if not isinstance(sub, dict):
-                raise ValueError(f"{name} is {'missing' if sub is None else 'a ' + type(sub).__name__}; expected an object "
-                                 f"with the {what} sizes (a PaliGemma config has both vision_config and text_config)")
-            given[name] = sub
-        text, vision = dict(given["text_config"]), dict(given["vision_config"])
-        text.setdefault("model_type", "gemma")
-        if text["model_type"] not in HF_TEXT_DEFAULTS:
-            raise ValueError(f"text_config.model_type must be one of {sorted(HF_TEXT_DEFAULTS)}; found {text['model_type']!r}")
-        if vision.setdefault("model_type", "siglip_vision_model") != "siglip_vision_model":
-            raise ValueError(f"vision_config.model_type must be 'siglip_vision_model'; found {vision['model_type']!r}")
-        keys = ("vocab_size", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
-        top = {k: d[k] for k in keys if d.get(k) is not None}
-        defaults = HF_TEXT_DEFAULTS[text["model_type"]]
-        if "vocab_size" in top: defaults = {k: v for k, v in defaults.items() if k != "vocab_size"}  # given at the top only
-        text, vision = defaults | text, HF_VISION_DEFAULTS | vision
-        image_ids = {k: d[k] for k in ("image_token_index", "image_token_id") if d.get(k) is not None}
-        if len(set(map(str, image_ids.values()))) > 1:
-            raise ValueError(f"image_token_index ({image_ids['image_token_index']!r}) differs from image_token_id "
-                             f"({image_ids['image_token_id']!r})")
-        top["image_token_index"] = next(iter(image_ids.values()), HF_IMAGE_TOKEN_INDEX)
-        if vision.get("projection_dim") is not None:  # transformers overwrites it with the top-level projection_dim
-            top["projection_dim"] = _agree("projection_dim", top.get("projection_dim"), "vision_config.projection_dim",
-                                           vision["projection_dim"])
-        if d.get("tie_word_embeddings") is False:
-            raise ValueError("tie_word_embeddings is false; this model ties the LM head to the token embedding")
-        try: cfg = cls(vision_config=vision, text_config=text, **top)
-        except ValueError as e:
-            if image_ids or "image_token_index" not in str(e): raise
-            raise ValueError(f"{e}; the file names no image_token_index, so transformers' default applies") from None
-        for name, sub in given.items():
-            n = sub.get("num_image_tokens")
-            if n is not None and n != cfg.num_image_tokens:
-                raise ValueError(f"{name}.num_image_tokens ({n!r}) differs from (image_size // patch_size) ** 2 "
-                                 f"({cfg.num_image_tokens})")
-        return cfg
+        return _config_from_file_dict(cls, d)
 
     @classmethod
     def from_json_file(cls, path) -> "PaliGemmaConfig":
@@ -167,6 +131,53 @@ class PaliGemmaConfig:
                     text_config=t, image_token_index=self.image_token_index, vocab_size=self.vocab_size,
                     projection_dim=self.projection_dim, hidden_size=self.hidden_size, pad_token_id=self.pad_token_id,
                     bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=True)
+
+
+# %% ../nbs/09_paligemma.ipynb #0e962288
+def _config_from_file_dict(cls, d: dict) -> "PaliGemmaConfig":
+    "`PaliGemmaConfig.from_dict`: both sub-configs required, omitted fields from transformers' defaults, every value checked."
+    if not isinstance(d, dict): raise TypeError(f"a PaliGemma config must be a JSON object; found {type(d).__name__}")
+    if d.get("model_type", "paligemma") != "paligemma":
+        raise ValueError(f"expected a config of model_type 'paligemma', found {d.get('model_type')!r}")
+    given = {}
+    for name, what in (("vision_config", "SigLIP"), ("text_config", "Gemma")):
+        sub = d.get(name)
+        if not isinstance(sub, dict):
+            raise ValueError(f"{name} is {'missing' if sub is None else 'a ' + type(sub).__name__}; expected an object "
+                             f"with the {what} sizes (a PaliGemma config has both vision_config and text_config)")
+        given[name] = sub
+    text, vision = dict(given["text_config"]), dict(given["vision_config"])
+    text.setdefault("model_type", "gemma")
+    if text["model_type"] not in HF_TEXT_DEFAULTS:
+        raise ValueError(f"text_config.model_type must be one of {sorted(HF_TEXT_DEFAULTS)}; found {text['model_type']!r}")
+    if vision.setdefault("model_type", "siglip_vision_model") != "siglip_vision_model":
+        raise ValueError(f"vision_config.model_type must be 'siglip_vision_model'; found {vision['model_type']!r}")
+    keys = ("vocab_size", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
+    top = {k: d[k] for k in keys if d.get(k) is not None}
+    defaults = HF_TEXT_DEFAULTS[text["model_type"]]
+    if "vocab_size" in top: defaults = {k: v for k, v in defaults.items() if k != "vocab_size"}  # given at the top only
+    text, vision = defaults | text, HF_VISION_DEFAULTS | vision
+    image_ids = {k: d[k] for k in ("image_token_index", "image_token_id") if d.get(k) is not None}
+    if len(set(map(str, image_ids.values()))) > 1:
+        raise ValueError(f"image_token_index ({image_ids['image_token_index']!r}) differs from image_token_id "
+                         f"({image_ids['image_token_id']!r})")
+    top["image_token_index"] = next(iter(image_ids.values()), HF_IMAGE_TOKEN_INDEX)
+    if vision.get("projection_dim") is not None:  # transformers overwrites it with the top-level projection_dim
+        top["projection_dim"] = _agree("projection_dim", top.get("projection_dim"), "vision_config.projection_dim",
+                                       vision["projection_dim"])
+    if d.get("tie_word_embeddings") is False:
+        raise ValueError("tie_word_embeddings is false; this model ties the LM head to the token embedding")
+    try: cfg = cls(vision_config=vision, text_config=text, **top)
+    except ValueError as e:
+        if image_ids or "image_token_index" not in str(e): raise
+        raise ValueError(f"{e}; the file names no image_token_index, so transformers' default applies") from None
+    for name, sub in given.items():
+        n = sub.get("num_image_tokens")
+        if n is not None and n != cfg.num_image_tokens:
+            raise ValueError(f"{name}.num_image_tokens ({n!r}) differs from (image_size // patch_size) ** 2 "
+                             f"({cfg.num_image_tokens})")
+    return cfg
+
 
 # %% ../nbs/09_paligemma.ipynb #32749e81
 class PaliGemmaMultiModalProjector(nn.Module):

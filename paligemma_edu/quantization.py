@@ -261,8 +261,8 @@ def int8_matmul(x, q, scale):
     return (outs[0] if len(outs) == 1 else torch.cat(outs, -1)) * scale.to(x.dtype)
 
 # %% ../nbs/20_quantization.ipynb #f4bd10a2
-class QuantLinear(nn.Module):
-    "nn.Linear with its weight stored as int8 rows (scale per row) or int4 groups (scale and zero per group)."
+class _QuantLinearCompute(nn.Module):
+    "The storage and arithmetic of `QuantLinear`: int8 rows (scale per row) or int4 groups (scale, zero per group)."
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 64,
                  dtype=None, device=None):
         super().__init__()
@@ -351,6 +351,14 @@ class QuantLinear(nn.Module):
         w = dequantize_int4(self._codes_cpu(), sz[..., 0], sz[..., 1], self.group_size)
         return w if padded else w[:self.out_features, :self.in_features]
 
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}{g}")
+
+# %% ../nbs/20_quantization.ipynb #11b2debd
+class QuantLinear(_QuantLinearCompute):
+    "nn.Linear with its weight stored as int8 rows (scale per row) or int4 groups (scale and zero per group)."
     def portable(self) -> dict:
         "Tensors in the on-disk layout: int8 rows + scale, or int4 codes two per byte (plain order) + scale + zero."
         N = self.out_features
@@ -401,10 +409,6 @@ class QuantLinear(nn.Module):
                                and "." not in k[len(prefix):])
         if len(found) == len(specs): self.load_portable_(found)
 
-    def extra_repr(self) -> str:
-        g = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}{g}")
 
 # %% ../nbs/20_quantization.ipynb #7922b098
 class QuantEmbedding(QuantLinear):

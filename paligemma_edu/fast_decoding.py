@@ -12,10 +12,10 @@ from torch import nn
 from .attention import kv_bytes_per_token, mask_to_bias
 from .kv_cache import KVCache
 from .paligemma import PaliGemmaForConditionalGeneration
-from .generate import next_token
+from .generate import decode_loop, next_token
 
 # %% auto #0
-__all__ = ['MATMUL_OPS', 'FAST_MODES', 'profile_step', 'plot_step_breakdown', 'decode_bytes_per_step', 'SlotCache',
+__all__ = ['MATMUL_OPS', 'FAST_MODES', 'CHECK_EVERY', 'profile_step', 'plot_step_breakdown', 'decode_bytes_per_step', 'SlotCache',
            'StaticDecodeStep', 'StaticDecoder', 'CUDAGraphStep', 'compile_reduce_overhead', 'resolve_mode',
            'length_bucket', 'get_decoder', 'fast_generate', 'plot_decode_times']
 
@@ -90,9 +90,8 @@ class StaticDecodeStep(nn.Module):
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=w.device)            # (B,) RoPE positions
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=w.device)  # (B, L) slots to attend to
         self.slots = torch.arange(max_len, device=w.device)                  # (L,)
-        ang = torch.arange(max_len + 2, device=w.device)[:, None].float() * self.lm.model.rotary_emb.inv_freq.float()
-        ang = torch.cat((ang, ang), -1)                                       # (L+2, Dh), as RotaryEmbedding
-        self.cos, self.sin = ang.cos().to(w.dtype), ang.sin().to(w.dtype)
+        cos, sin = self.lm.model.rotary_emb(torch.arange(max_len + 2, device=w.device)[None], w.dtype)  # (1, L+2, Dh)
+        self.cos, self.sin = cos[0], sin[0]                                   # (L+2, Dh): looked up by position
         self.normalizer = torch.tensor(cfg.hidden_size ** 0.5, dtype=w.dtype, device=w.device)
         self.window = cfg.sliding_window if any(l.is_sliding for l in self.lm.model.layers) else None
 
@@ -122,13 +121,13 @@ class StaticDecodeStep(nn.Module):
 
 # %% ../nbs/19_fast_decoding.ipynb #7e8ecaac
 FAST_MODES = ("static", "inductor", "cuda-graph", "reduce-overhead")
+CHECK_EVERY = 8  # steps between the host's looks at "is every row finished?" (each look waits for the device)
 
 class StaticDecoder:
     "A static step, in one of FAST_MODES, for one batch size and cache length; runs generate's loop, reusable."
     def __init__(self, model, batch_size: int, max_len: int, mode: str = "static"):
         if mode not in FAST_MODES: raise ValueError(f"mode must be one of {FAST_MODES}; found {mode!r}")
-        self.step, self.mode = StaticDecodeStep(model, batch_size, max_len), mode
-        self.batch_size, self.max_len, self.run = batch_size, max_len, None
+        self.step, self.run = StaticDecodeStep(model, batch_size, max_len), None
         if mode == "static": self.run = self.step
         elif mode == "inductor": self.run = torch.compile(self.step, fullgraph=True, dynamic=False)
         elif mode == "reduce-overhead": self.run = compile_reduce_overhead(self.step)
@@ -137,11 +136,11 @@ class StaticDecoder:
     @torch.inference_mode()
     def generate(self, model, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None,
                  max_new_tokens: int = 20, do_sample=False, temperature=1.0, top_k=None, top_p=None, eos=(),
-                 pad: int = 0, generator=None, streamer=None, check_every: int = 8):
-        "generate's loop with the static step (inputs already validated): returns (B, T + new)."
-        B, T = input_ids.shape
-        if B != self.batch_size or T + max_new_tokens > self.max_len:
-            raise ValueError(f"this decoder holds batch {self.batch_size} x {self.max_len} positions; got batch {B} "
+                 pad: int = 0, generator=None, streamer=None):
+        "generate's loop (`decode_loop`) with the static step (inputs already validated): returns (B, T + new)."
+        (B, T), kv = input_ids.shape, self.step.kv
+        if B != kv.batch_size or T + max_new_tokens > kv.max_len:
+            raise ValueError(f"this decoder holds batch {kv.batch_size} x {kv.max_len} positions; got batch {B} "
                              f"with {T} prompt + {max_new_tokens} new tokens")
         if self.run is None: self.run = CUDAGraphStep(self.step)
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
@@ -149,24 +148,11 @@ class StaticDecoder:
         extra = dict(pixel_values=pixel_values, token_type_ids=token_type_ids) if self.step.is_vlm else {}
         logits = model(input_ids, attention_mask=attention_mask, cache=self.step.kv, logits_to_keep=1, **extra).logits[:, -1]
         self.step.reset(attention_mask)
-        new = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
-        eos_t = torch.tensor(list(eos), dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        every = 1 if streamer is not None else check_every
-        n = 0
-        for n in range(1, max_new_tokens + 1):
-            tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
-            if len(eos): tok = tok.masked_fill(done, pad)
-            new[:, n - 1] = tok
-            if streamer is not None: streamer(tok)
-            if len(eos):
-                done |= torch.isin(tok, eos_t)
-                if n % every == 0 and bool(done.all()): break                # the host looks every few steps
-            if n == max_new_tokens: break
-            logits = self.run(tok)
-        if len(eos) and bool(done.all()):                                    # cut where the last row finished
-            n = int(torch.isin(new[:, :n], eos_t).int().argmax(-1).max()) + 1
-        return torch.cat([input_ids, new[:, :n]], 1)
+        out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
+        out[:, :T] = input_ids
+        pick = lambda logits: next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        n = decode_loop(logits, lambda tok, n: self.run(tok), pick, out, T, list(eos), pad, streamer, CHECK_EVERY)
+        return out[:, :T + n]
 
 # %% ../nbs/19_fast_decoding.ipynb #6e267a74
 class CUDAGraphStep:

@@ -17,8 +17,8 @@ from .core import model_device
 from .paligemma import PaliGemmaForConditionalGeneration
 
 # %% auto #0
-__all__ = ['LOC_BINS', 'next_token', 'check_generate_inputs', 'generate', 'TextStreamer', 'answer', 'image_hw', 'loc_tokens',
-           'parse_detections', 'draw_boxes']
+__all__ = ['LOC_BINS', 'next_token', 'check_generate_inputs', 'generate', 'decode_loop', 'TextStreamer', 'answer', 'image_hw',
+           'loc_tokens', 'parse_detections', 'draw_boxes']
 
 # %% ../nbs/11_generate.ipynb #11e4aa19
 def next_token(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -110,22 +110,36 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, token_typ
     cache = model.new_cache(B, T + max_new_tokens)
     extra = dict(pixel_values=pixel_values, token_type_ids=token_type_ids) if is_vlm else {}
     logits = model(input_ids, attention_mask=mask[:, :T], cache=cache, logits_to_keep=1, **extra).logits[:, -1]
-    eos_t = torch.tensor(eos, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
     padded = bool((attention_mask == 0).any())  # once: without padding, decode steps need no mask
+
+    def step(tok, n):  # token n (B,) -> the logits (B, V) that pick token n + 1
+        mask[:, T + n - 1] = 1
+        return model(tok[:, None], attention_mask=mask[:, :T + n] if padded else None, cache=cache).logits[:, -1]
+    pick = lambda logits: next_token(logits, do_sample, temperature, top_k, top_p, generator)
+    return out[:, :T + decode_loop(logits, step, pick, out, T, eos, pad, streamer)]
+
+def decode_loop(logits, step, pick, out, T: int, eos: list, pad: int, streamer=None, check_every: int = 1) -> int:
+    """Write the new tokens into out[:, T:] of out (B, T + N): `pick` a token from `logits` (B, V), get the next logits
+    from `step(tok, n)`; a row past an eos token gets `pad`. Stops when every row is finished (the host looks every
+    `check_every` steps) or N tokens are written; returns how many were."""
+    B, N = out.shape[0], out.shape[1] - T
+    eos_t = torch.tensor(eos, dtype=torch.long, device=out.device)
+    done = torch.zeros(B, dtype=torch.bool, device=out.device)
+    every = 1 if streamer is not None else check_every
     n = 0
-    for n in range(1, max_new_tokens + 1):
-        tok = next_token(logits, do_sample, temperature, top_k, top_p, generator)
+    for n in range(1, N + 1):
+        tok = pick(logits)
         if eos: tok = tok.masked_fill(done, pad)
         out[:, T + n - 1] = tok
         if streamer is not None: streamer(tok)
         if eos:
             done |= torch.isin(tok, eos_t)
-            if bool(done.all()): break
-        if n == max_new_tokens: break
-        mask[:, T + n - 1] = 1
-        logits = model(tok[:, None], attention_mask=mask[:, :T + n] if padded else None, cache=cache).logits[:, -1]
-    return out[:, :T + n]
+            if n % every == 0 and bool(done.all()): break
+        if n == N: break
+        logits = step(tok, n)
+    if eos and every > 1 and bool(done.all()):  # the host looked every few steps: cut where the last row finished
+        n = int(torch.isin(out[:, T:T + n], eos_t).int().argmax(-1).max()) + 1
+    return n
 
 # %% ../nbs/11_generate.ipynb #543b43b3
 class TextStreamer:

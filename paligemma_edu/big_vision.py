@@ -10,7 +10,7 @@ import torch
 
 from .core import pick_device, pick_dtype
 from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-from .checkpoints import load_into, read_npz, skip_init_weights
+from .checkpoints import check_state_dict, empty_model, load_into, read_npz
 
 # %% auto #0
 __all__ = ['plot_padded_row_drift', 'big_vision_shapes', 'check_big_vision', 'vision_from_big_vision', 'text_from_big_vision',
@@ -61,20 +61,14 @@ def big_vision_shapes(cfg: PaliGemmaConfig) -> dict:
 # %% ../nbs/21_big_vision.ipynb #9030c4c5
 def check_big_vision(params: dict, cfg: PaliGemmaConfig, where: str = "checkpoint", pad_vocab: bool = False):
     "Raise one error naming every missing, unexpected and mis-shaped parameter against `big_vision_shapes(cfg)`."
-    want = big_vision_shapes(cfg)
-    missing, unexpected = sorted(set(want) - set(params)), sorted(set(params) - set(want))
-    bad = []
-    for k in sorted(set(want) & set(params)):
-        got, exp = tuple(params[k].shape), want[k]
-        if k == "llm/embedder/input_embedding" and pad_vocab and got[1:] == exp[1:] and got[0] <= exp[0]: continue
-        if got != exp: bad.append(f"{k}: expected {exp}, found {got}")
-    if missing or unexpected or bad:
-        parts = [f"{len(missing)} missing: {missing}" if missing else "",
-                 f"{len(unexpected)} unexpected: {unexpected}" if unexpected else "",
-                 f"{len(bad)} mis-shaped: {bad}" if bad else ""]
+    want, emb = big_vision_shapes(cfg), "llm/embedder/input_embedding"
+    got = tuple(params[emb].shape) if emb in params else None
+    if pad_vocab and got and got[1:] == want[emb][1:] and got[0] <= want[emb][0]: want[emb] = got  # rows appended later
+    try: check_state_dict(want, params)
+    except ValueError as e:
         hint = ("; the Hub layout adds rows for <image> and padding: pass pad_vocab=True to append zero rows"
-                if any(b.startswith("llm/embedder") for b in bad) and not pad_vocab else "")
-        raise ValueError(f"{where} does not match the config; " + "; ".join(p for p in parts if p) + hint)
+                if f"{emb}: expected" in str(e) and not pad_vocab else "")
+        raise ValueError(f"{where}: {e}{hint}") from None
 
 # %% ../nbs/21_big_vision.ipynb #34230307
 def vision_from_big_vision(p: dict, cfg: PaliGemmaConfig) -> dict:
@@ -139,6 +133,5 @@ def from_big_vision(npz_path, config: PaliGemmaConfig, dtype=None, device=None, 
     if sd[emb].shape[0] < config.text_config.vocab_size:  # pad_vocab: rows the Hub layout adds (<image>, padding)
         extra = sd[emb].new_zeros(config.text_config.vocab_size - sd[emb].shape[0], sd[emb].shape[1])
         sd[emb] = torch.cat([sd[emb], extra])
-    config.vision_config.attn_implementation = config.text_config.attn_implementation = attn_implementation
-    with skip_init_weights(): model = PaliGemmaForConditionalGeneration(config)
+    model = empty_model(PaliGemmaForConditionalGeneration, config, attn_implementation)
     return load_into(model, {k: v.contiguous() for k, v in sd.items()}, pick_dtype(dtype), pick_device(device)).eval()

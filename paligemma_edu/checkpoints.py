@@ -20,9 +20,9 @@ from .paligemma import PaliGemmaConfig
 
 # %% auto #0
 __all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'read_index', 'find_weight_files', 'all_finite', 'CheckpointError',
-           'read_safetensors', 'read_npz', 'map_key', 'remap_state_dict', 'check_state_dict', 'tie_head',
-           'skip_init_weights', 'load_into', 'resolve_folder', 'from_pretrained', 'to_published_key',
-           'stale_weight_files', 'save_pretrained']
+           'check_placement', 'read_safetensors', 'read_npz', 'map_key', 'remap_state_dict', 'check_state_dict',
+           'tie_head', 'skip_init_weights', 'empty_model', 'load_into', 'resolve_folder', 'from_pretrained',
+           'to_published_key', 'stale_weight_files', 'save_pretrained']
 
 # %% ../nbs/12_checkpoints.ipynb #b4bc2783
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -69,6 +69,12 @@ def all_finite(t: torch.Tensor) -> bool:
 class CheckpointError(ValueError):
     "A checkpoint file is readable but its contents are wrong (raised as is, never rewrapped)."
 
+def check_placement(k: str, f: Path, origin: dict, weight_map: dict | None):
+    "Tensor `k` found in file `f`: stored once (`origin`: where each name was seen), in the file the index names."
+    if k in origin: raise CheckpointError(f"tensor {k!r} is stored twice: in {origin[k].name} and in {f.name} ({f.parent})")
+    if weight_map is not None and weight_map.get(k, f.name) != f.name:
+        raise CheckpointError(f"tensor {k!r} is in {f.name} but {INDEX} says {weight_map[k]}")
+
 def read_safetensors(files, weight_map: dict | None = None) -> dict:
     "Memory-mapped tensors of every file by name: each read once, finite, where the index says; errors name the file."
     out, origin = {}, {}
@@ -77,10 +83,7 @@ def read_safetensors(files, weight_map: dict | None = None) -> dict:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
-                    if k in origin:
-                        raise CheckpointError(f"tensor {k!r} is stored twice: in {origin[k].name} and in {f.name} ({f.parent})")
-                    if weight_map is not None and weight_map.get(k, f.name) != f.name:
-                        raise CheckpointError(f"tensor {k!r} is in {f.name} but {INDEX} says {weight_map[k]}")
+                    check_placement(k, f, origin, weight_map)
                     t = sf.get_tensor(k)
                     if not all_finite(t):
                         raise CheckpointError(f"tensor {k!r} in {f} holds NaN or infinite values; the checkpoint is damaged")
@@ -177,6 +180,11 @@ def skip_init_weights():
     finally:
         for n, f in saved.items(): setattr(torch.nn.init, n, f)
 
+def empty_model(cls, cfg, attn_implementation: str = "sdpa"):
+    "`cls(cfg)` with both towers on `attn_implementation`, not initialised (its weights are loaded next)."
+    cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
+    with skip_init_weights(): return cls(cfg)
+
 def load_into(model, sd: dict, dtype, device):
     "Strictly assign `sd` (our key names) into an uninitialised `model`, cast to dtype and moved to device."
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -211,11 +219,9 @@ def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str
     if quantize is not None or "quantization_config" in read_json(cfg_file, "config"):  # see 20_quantization
         from paligemma_edu.quantization import from_pretrained_quantized
         return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
-    cfg = PaliGemmaConfig.from_json_file(cfg_file)
-    cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
     dtype, device = pick_dtype(dtype), pick_device(device)
     sd = remap_state_dict(read_safetensors(*find_weight_files(folder)))
-    with skip_init_weights(): model = cls(cfg)
+    model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
     return load_into(model, sd, dtype, device).eval()
 
 def _download(repo_id: str, allow_patterns: list) -> Path:

@@ -18,16 +18,16 @@ from torch import nn
 from .core import check_regular_file, pick_device, pick_dtype, read_json
 from .paligemma import PaliGemmaConfig
 from .checkpoints import HEAD, EMBED, CheckpointError, all_finite, check_state_dict, find_weight_files
-from .checkpoints import map_key, skip_init_weights
+from .checkpoints import check_placement, empty_model, remap_state_dict
 
 # %% auto #0
 __all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'QUANT_METHOD', 'bits_per_weight', 'weight_counts', 'plot_weight_bytes',
            'quantize_int8_per_tensor', 'quantize_int8', 'dequantize_int8', 'relative_error', 'quantize_int4_symmetric',
            'quantize_int4', 'dequantize_int4', 'pack_nibbles', 'unpack_nibbles', 'fake_quantize', 'plot_rounding_error',
            'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity', 'plot_sensitivity', 'int4_cpu_layout',
-           'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'int8_matmul', 'QuantLinear', 'QuantEmbedding',
-           'TiedHead', 'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize', 'model_bytes',
-           'TensorInfo', 'read_header', 'quantized_specs', 'from_pretrained_quantized']
+           'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'int8_matmul', 'check_format', 'QuantLinear',
+           'QuantEmbedding', 'TiedHead', 'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize',
+           'model_bytes', 'TensorInfo', 'read_header', 'quantized_specs', 'from_pretrained_quantized']
 
 # %% ../nbs/20_quantization.ipynb #5ed97327
 FORMAT_BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}
@@ -261,14 +261,18 @@ def int8_matmul(x, q, scale):
     return (outs[0] if len(outs) == 1 else torch.cat(outs, -1)) * scale.to(x.dtype)
 
 # %% ../nbs/20_quantization.ipynb #f4bd10a2
+def check_format(bits: int, group_size: int | None):
+    "8-bit rows, or 4-bit groups of a size the int4 kernels support."
+    if bits not in (4, 8): raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if bits == 4 and group_size not in (32, 64, 128, 256):
+        raise ValueError(f"group_size must be 32, 64, 128 or 256 (what the int4 kernels support), got {group_size!r}")
+
 class _QuantLinearCompute(nn.Module):
     "The storage and arithmetic of `QuantLinear`: int8 rows (scale per row) or int4 groups (scale, zero per group)."
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 64,
                  dtype=None, device=None):
         super().__init__()
-        if bits not in (4, 8): raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-        if bits == 4 and group_size not in (32, 64, 128, 256):
-            raise ValueError(f"group_size must be 32, 64, 128 or 256 (what the int4 kernels support), got {group_size!r}")
+        check_format(bits, group_size)
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.group_size = group_size if bits == 4 else None
         dtype, device = dtype or torch.get_default_dtype(), torch.device(device or "cpu")
@@ -437,9 +441,7 @@ QUANT_METHOD = "paligemma_edu"
 
 def quantization_settings(bits: int = 8, group_size: int = 64, skip=()) -> dict:
     "The checked settings of `quantize`, as written to config.json under `quantization_config`."
-    if bits not in (4, 8): raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    if bits == 4 and group_size not in (32, 64, 128, 256):
-        raise ValueError(f"group_size must be 32, 64, 128 or 256 (what the int4 kernels support), got {group_size!r}")
+    check_format(bits, group_size)
     if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
         raise TypeError(f"skip must be a list of module names or patterns, got {skip!r}")
     return dict(quant_method=QUANT_METHOD, bits=bits, group_size=group_size if bits == 4 else None, skip=sorted(skip))
@@ -575,15 +577,12 @@ def _assign(model, name: str, t):
 def _tensor_infos(folder) -> dict:
     "TensorInfo of every tensor of a checkpoint folder under our names: each stored once, where the index says."
     files, weight_map = find_weight_files(folder)
-    out, origin = {}, {}
+    infos, origin = {}, {}
     for f in files:
         for k, info in read_header(check_regular_file(f, "safetensors file")).items():
-            if weight_map is not None and weight_map.get(k, f.name) != f.name:
-                raise CheckpointError(f"tensor {k!r} is in {f.name} but the index says {weight_map[k]}")
-            nk = map_key(k)
-            if nk in out: raise CheckpointError(f"checkpoint tensors {origin[nk]!r} and {k!r} both map to {nk!r} ({f.parent})")
-            out[nk], origin[nk] = info, k
-    return out
+            check_placement(k, f, origin, weight_map)
+            infos[k], origin[k] = info, f
+    return remap_state_dict(infos)
 
 def _row_blocks(infos: list, block_bytes: int = 1 << 23):
     "Read tensors with the same number of rows a block of rows at a time (a multiple of 64, ~block_bytes): yields (row, [rows])."
@@ -609,18 +608,16 @@ def from_pretrained_quantized(cls, folder, quantize=None, dtype=None, device=Non
         raise ValueError(f"{folder} is already quantized ({saved}); it cannot be re-quantized to {want}: "
                          "load it with quantize=None")
     settings = saved or want
-    cfg = PaliGemmaConfig.from_dict(d)
-    cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
     dtype, device = pick_dtype(dtype), pick_device(device)
     infos = _tensor_infos(folder)
-    with skip_init_weights(): model = cls(cfg)  # float tensors are never-touched torch.empty: no memory yet
+    model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)  # torch.empty: no memory yet
     plan, pairs = quantization_plan(model, settings), tied_pairs(model)
     if saved is None:
         _check_tied_head(infos)
         check_state_dict({k: v.shape for k, v in model.state_dict().items() if k != HEAD}, infos)
     _swap(model, plan, settings, lambda e: QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype, device),
           lambda m: QuantLinear(m.in_features, m.out_features, m.bias is not None, settings["bits"],
-                                settings["group_size"] or 64, dtype, device))
+                                settings["group_size"], dtype, device))
     specs = quantized_specs(model)
     if saved is not None:
         where = f"{folder}: the tensors do not match the quantization settings in config.json ({settings})"

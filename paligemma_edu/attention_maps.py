@@ -293,7 +293,7 @@ def attention_report(model, processor, n_scenes: int = 100, n_random: int = 30) 
 def attention_summary(report: dict) -> str:
     "The README's paragraph on where the bundled model looks, written from an attention report."
     aq, qc = report["answer_query"]["mean of layers"], report["question_control"]
-    readers = [n.split()[1] for n, v in qc.items() if n.startswith("layer") and v["asked object"] > 2 > 1 > v["triangle"]]
+    readers = [n.split()[1] for n, v in qc.items() if n.startswith("layer") and v["asked object"] > 2 and v["triangle"] < 1]
     layers = ("decoder layer " + readers[0] if len(readers) == 1 else
               "decoder layers " + ", ".join(readers[:-1]) + " and " + readers[-1] if readers else "no single layer")
     return (f"When the model answers \"what color is the triangle?\" (right on {report['accuracy']:.0%} of "

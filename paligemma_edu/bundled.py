@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import evaluating, model_device, pick_device, seed_everything
+from .core import StagedFolder, evaluating, model_device, pick_device, read_json, seed_everything
 from .paligemma import PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor
 from .generate import answer
 from .attention_maps import attention_report
 from .shapes import COLORS, SHAPES, TASKS, ShapesDataset, make_scene, scene_masks, show_example, task_kind
-from .segmentation import CODEC_CONFIG, CODEC_RECIPE, draw_masks, load_codec, train_mask_codec
+from .segmentation import CODEC_CONFIG, CODEC_RECIPE, draw_segments, load_codec, train_mask_codec
 from .train import (EVAL_SEED, TRAIN_SEED, count_params, evaluate_model, fit, held_out_set, init_weights,
                                  make_shapes_processor, make_tiny_config, quick_accuracy, train)
 
@@ -288,9 +288,12 @@ def evaluate_checkpoint(folder, n_per_task: int = 500, seed: int = EVAL_SEED, wr
     out = dict(metrics=metrics, n_per_task=n_per_task, eval_seed=seed, decoding="greedy, float32",
                seconds=round(time.perf_counter() - t0, 1),
                command=f"paligemma-edu evaluate --model {_shown_path(Path(command_folder or folder))} --n {n_per_task}")
-    if write:
-        (folder / "eval.json").write_text(json.dumps(out, indent=1))
-        (folder / "attention.json").write_text(json.dumps(attention_report(model, processor), indent=1))
+    if write:  # both measured first, then written together: never a new eval.json beside an old attention.json
+        report = attention_report(model, processor)
+        with StagedFolder(folder) as st:
+            st.write_text("eval.json", json.dumps(out, indent=1))
+            st.write_text("attention.json", json.dumps(report, indent=1))
+            st.commit()
     return out
 
 # %% ../nbs/17_bundled_model.ipynb #21ad0d09
@@ -310,7 +313,7 @@ def _result(task: str, m: dict, key) -> str:
 
 def results_table(folder=None) -> str:
     "A markdown table of a checkpoint's `eval.json` (the bundled model's by default), one row per task."
-    ev = json.loads((Path(folder) if folder else bundled_model_path()).joinpath("eval.json").read_text())
+    ev = read_json((Path(folder) if folder else bundled_model_path()) / "eval.json", "evaluation")
     rows = ["| task | prompt | metric | result |", "|---|---|---|---|"]
     for task, prompt, metric, key in _RESULT_ROWS:
         if task not in ev["metrics"]: continue
@@ -323,8 +326,7 @@ def model_card(folder=None) -> str:
     "Markdown describing a shapes checkpoint (the bundled one by default), every number read from its files."
     from paligemma_edu.attention_maps import attention_summary
     folder = Path(folder) if folder else bundled_model_path()
-    cfg, info, codec = (json.loads((folder / name).read_text())
-                        for name in ("config.json", "history.json", "mask_codec_history.json"))
+    cfg, info, codec = (read_json(folder / name) for name in ("config.json", "history.json", "mask_codec_history.json"))
     v, t, r = cfg["vision_config"], cfg["text_config"], info["recipe"]
     mb = (folder / "model.safetensors").stat().st_size / 1e6
     heads = "multi-query" if t["num_key_value_heads"] == 1 else f"{t['num_key_value_heads']} key/value heads"
@@ -342,7 +344,7 @@ def model_card(folder=None) -> str:
             f"model learns the answers ({r['steps']} steps) on the synthetic scenes of `13_shapes`. `transformers` loads "
             f"the same folder and generates the same greedy tokens (a test).\n\n" + results_table(folder))
     if (folder / "attention.json").exists():
-        card += "\n\n" + attention_summary(json.loads((folder / "attention.json").read_text()))
+        card += "\n\n" + attention_summary(read_json(folder / "attention.json"))
     return card
 
 # %% ../nbs/17_bundled_model.ipynb #51290087
@@ -354,6 +356,6 @@ def show_answers(model, processor, examples: list, axs=None, codec=None):
     for ax, (img, prompt), pred in zip(axs, examples, preds):
         if codec is None or task_kind(prompt) != "segment": show_example(img, prompt, pred, ax=ax); continue
         found = codec.decode_segmentation(pred, img.size[::-1])
-        draw_masks(img, [m for _, m, _ in found], [label for _, _, label in found], ax=ax)
+        draw_segments(img, found, ax=ax)
         ax.set_title(f"{prompt}\n-> {'mask drawn' if found else 'nothing'}", fontsize=7)
     return axs

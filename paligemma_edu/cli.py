@@ -5,7 +5,6 @@
 # %% ../nbs/22_cli.ipynb #bcdf146a
 from __future__ import annotations
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -53,12 +52,10 @@ def _figure_path(path, flag: str) -> Path:
 
 def _save_figure(fig, path: Path, dpi: int):
     "Write `fig` to exactly `path`, atomically (a temporary file in the same folder, then a rename)."
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix[1:].lower().replace("jpg", "jpeg"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from paligemma_edu.core import StagedFolder
+    with StagedFolder(path.parent) as st:
+        fig.savefig(st.path(path.name), dpi=dpi, bbox_inches="tight", format=path.suffix[1:].lower().replace("jpg", "jpeg"))
+        st.commit()
 
 # %% ../nbs/22_cli.ipynb #142e1bcf
 def cmd_generate(args):
@@ -96,7 +93,7 @@ def _draw_mask_answers(images, texts, codec, out: Path):
     "Decode each answer's masks with `codec` and draw them over its image into `out`; say which answers were unreadable."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from paligemma_edu.segmentation import draw_masks
+    from paligemma_edu.segmentation import draw_segments
     fig, axs = plt.subplots(1, len(images), figsize=(3 * len(images), 3.2), squeeze=False)
     unreadable = []
     for k, (ax, im, t) in enumerate(zip(axs[0], images, texts)):
@@ -104,7 +101,7 @@ def _draw_mask_answers(images, texts, codec, out: Path):
         except ValueError as e:
             found, title = [], "not a segment answer"
             unreadable.append(f"answer {k + 1}: {e}")
-        draw_masks(im, [m for _, m, _ in found], [label for _, _, label in found], ax=ax)
+        draw_segments(im, found, ax=ax)
         ax.set_title(title or f"{len(found)} mask{'s' * (len(found) != 1)}", fontsize=8)
     _save_figure(fig, out, dpi=100); plt.close(fig)
     print(f"masks drawn to {out}" + (f" ({len(unreadable)} answer(s) could not be read as masks: "
@@ -121,7 +118,7 @@ def cmd_demo(args):
     from paligemma_edu.shapes import make_scene
     from paligemma_edu.generate import answer, parse_detections, draw_boxes
     from paligemma_edu.attention_maps import answer_attention_overlay
-    from paligemma_edu.segmentation import draw_masks
+    from paligemma_edu.segmentation import draw_segments
     codec = _load_codec(args.model)
     model, proc = _load(args.model, args.device)
     size = proc.image_processor.size["height"]
@@ -137,7 +134,7 @@ def cmd_demo(args):
     draw_boxes(image, parse_detections(answers[1], image.size[::-1]), ax=axs[1], color="magenta")
     axs[1].set_title(f"{prompts[1]}\n-> {'boxes drawn' if answers[1] else 'nothing found'}", fontsize=8)
     found = codec.decode_segmentation(answers[2], image.size[::-1])
-    draw_masks(image, [m for _, m, _ in found], [label for _, _, label in found], ax=axs[2])
+    draw_segments(image, found, ax=axs[2])
     axs[2].set_title(f"{prompts[2]}\n-> {'masks drawn' if found else 'nothing found'}", fontsize=8)
     ans, _ = answer_attention_overlay(model, proc, image, prompts[3], ax=axs[3])
     axs[3].set_title(f"{prompts[3]}\n-> {ans} (attention of the answer)", fontsize=8)
@@ -162,8 +159,8 @@ def cmd_train(args):
 def cmd_evaluate(args):
     "Per-task accuracy of a checkpoint on held-out scenes (the numbers the README reports)."
     import json
-    from paligemma_edu.bundled import bundled_model_path, evaluate_checkpoint
-    res = evaluate_checkpoint(args.model or bundled_model_path(), n_per_task=args.n, write=args.save)
+    from paligemma_edu.bundled import evaluate_checkpoint
+    res = evaluate_checkpoint(_model_folder(args.model), n_per_task=args.n, write=args.save)
     print(json.dumps(res["metrics"], indent=1))
     return res
 

@@ -22,11 +22,11 @@ from torch import nn
 
 from .checkpoints import read_npz
 from .checkpoints import check_state_dict, read_safetensors
-from .core import StagedFolder, evaluating, pick_device, pick_dtype, read_json
+from .core import StagedFolder, evaluating, model_device, pick_device, pick_dtype, read_json
 from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections
 from .processor import SEG_TOKENS
 from .shapes import Scene, mask_iou, object_masks, sample_scene
-from .train import EVAL_SEED, fit
+from .train import EVAL_SEED, count_params, fit
 
 # %% auto #0
 __all__ = ['SEG_CODES', 'CODEBOOK_SIZE', 'GRID', 'MASK_SIZE', 'BIG_VISION_TRAINING_STATE', 'CODEC_SEED', 'CODEC_EVAL_SEED',
@@ -35,7 +35,7 @@ __all__ = ['SEG_CODES', 'CODEBOOK_SIZE', 'GRID', 'MASK_SIZE', 'BIG_VISION_TRAINI
            'MaskCodec', 'big_vision_names', 'big_vision_config', 'load_big_vision_codec', 'crop_to_codec',
            'codec_masks', 'codec_loss', 'codec_step_loss', 'codebook_usage', 'evaluate_codec', 'train_codec',
            'save_codec', 'load_codec', 'torch_threads', 'train_mask_codec', 'paste_mask', 'decode_segmentation',
-           'segment_answer', 'pasted_iou', 'draw_masks', 'show_reconstructions', 'plot_codebook_usage',
+           'segment_answer', 'pasted_iou', 'draw_masks', 'draw_segments', 'show_reconstructions', 'plot_codebook_usage',
            'load_mask_codec']
 
 # %% ../nbs/15_segmentation.ipynb #97639210
@@ -307,7 +307,7 @@ def codec_step_loss(codec: MaskCodec, masks, batch_size: int = 64, beta: float =
     g = torch.Generator().manual_seed(seed)
     def loss_fn(step: int):
         batch = masks[torch.randint(len(masks), (batch_size,), generator=g)]
-        return codec_loss(codec, batch.to(codec.quantizer.codebook.device), beta, restart)
+        return codec_loss(codec, batch.to(model_device(codec)), beta, restart)
     return loss_fn
 
 # %% ../nbs/15_segmentation.ipynb #97c077d3
@@ -400,9 +400,9 @@ def _train_mask_codec(out_dir: Path, r: dict, seed: int, n_eval_scenes: int, pro
     hist = train_codec(codec, masks, r["steps"], r["batch_size"], r["lr"], r["warmup"], r["beta"], r["restart"], seed=seed,
                        held_out=held_out[64][:200], progress=progress, on_log=on_log)
     seconds = time.perf_counter() - t0
-    out = Path(save_codec(codec, out_dir))
+    out = save_codec(codec, out_dir)
     saved = load_codec(out)
-    info = dict(recipe=r, seed=seed, params=sum(p.numel() for p in codec.parameters()), train_seconds=round(seconds, 1),
+    info = dict(recipe=r, seed=seed, params=count_params(codec), train_seconds=round(seconds, 1),
                 torch_threads=torch.get_num_threads(), load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
                 weights_kib=_file_kib(out / CODEC_WEIGHTS),
                 eval_seed=CODEC_EVAL_SEED, n_eval_scenes=n_eval_scenes,
@@ -467,6 +467,10 @@ def draw_masks(image, masks, labels=None, ax=None, alpha: float = 0.55):
             ax.text(xs.mean(), ys.mean(), labels[i], fontsize=7, ha="center", va="center")
     ax.set_axis_off()
     return ax
+
+def draw_segments(image, found: list, ax=None):
+    "`draw_masks` for the [(box, mask, label)] of `decode_segmentation`; returns the axes."
+    return draw_masks(image, [m for _, m, _ in found], [label for _, _, label in found], ax=ax)
 
 def show_reconstructions(codec: MaskCodec, masks, axs=None):
     "Masks (N, 1, 64, 64) above their decoded reconstructions (> 0), with the IoU of each; returns the axes."

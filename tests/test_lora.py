@@ -194,14 +194,17 @@ def test_adapter_round_trip_and_load_adapted(tmp_path):
     save_adapter(model, ad, overwrite=True)
 
 
-def test_quant_linear_gradient_wrt_input():
-    lin = torch.nn.Linear(200, 1030)  # rows beyond one block of 1024, inputs padded for int4
+@pytest.mark.parametrize("K, N", [(200, 1030), (1100, 70)])  # rows beyond a block of 1024; inputs beyond 1024, padded
+def test_quant_linear_gradient_wrt_input(K, N):
+    lin = torch.nn.Linear(K, N)
     for bits in (8, 4):
         ql, ref_w = QuantLinear.from_linear(lin, bits), fake_quantize(lin.weight.detach(), bits)
         for M in (1, 40):
-            x, g = torch.randn(M, 200, requires_grad=True), torch.randn(M, 1030)
+            x, g = torch.randn(M, K, requires_grad=True), torch.randn(M, N)
             (ql(x) * g).sum().backward()
             torch.testing.assert_close(x.grad, g @ ref_w, rtol=1e-5, atol=1e-4)
+            # the path CUDA-packed int4 layers take (they cannot be unpacked), run here with the CPU kernels
+            torch.testing.assert_close(ql._grad_input_by_kernel(g), g @ ref_w, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -276,6 +279,7 @@ def saved(base, tmp_path):
     (lambda d: json.dumps(d | {"lora_alpha": -1}), "alpha must be a finite number"),
     (lambda d: json.dumps(d | {"use_dora": True}), "not plain LoRA"),
     (lambda d: json.dumps(d | {"rank_pattern": {"q_proj": 2}}), "not plain LoRA"),
+    (lambda d: json.dumps(d | {"init_lora_weights": "pissa_niter_4"}), "changed the base weights"),
     (lambda d: json.dumps(d | {"target_modules": ["qkv"]}), "match no module"),
     (lambda d: json.dumps([1, 2]), "must hold a JSON object")])
 def test_bad_adapter_config(base, saved, edit, msg):

@@ -51,8 +51,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):  # (..., K) -> (..., N)
         y = self.base(x)
-        z = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling  # (..., r) -> (..., N)
-        return (y + z).to(y.dtype)  # summed in the wider dtype, returned in the base's
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))                  # (..., r)
+        if h.dtype != y.dtype: return (y + self.lora_B(h) * self.scaling).to(y.dtype)     # summed in float32, cast back
+        y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), self.lora_B.weight.T, alpha=self.scaling)
+        return y2.view(y.shape)                                                             # y + s h B^T in one op: (M, N)
 
     def delta_weight(self):
         "The update (alpha / r) B A as a float32 (N, K) matrix."

@@ -368,6 +368,8 @@ class _QuantLinearCompute(nn.Module):
         return out
 
     def _int4_matmul(self, x):  # (M, K) -> (M, N)
+        if not x.is_cuda and x.dtype != self.scale_zero.dtype:  # e.g. bfloat16 activations under autocast: the layer's dtype
+            return self._int4_matmul(x.to(self.scale_zero.dtype)).to(x.dtype)
         Kp = self.scale_zero.shape[0] * self.group_size
         if Kp != self.in_features: x = F.pad(x, (0, Kp - self.in_features))             # (M, Kp)
         if x.is_cuda:  # the CUDA kernel computes in bfloat16

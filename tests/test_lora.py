@@ -326,3 +326,14 @@ def test_load_adapted_base_not_local(saved):
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"base_model_name_or_path": "google/paligemma-3b-pt-224"}))
     with pytest.raises(FileNotFoundError, match="pass base="): load_adapted(saved)
     with pytest.raises(FileNotFoundError, match="not an adapter folder"): load_adapted(saved.parent)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qlora_under_bf16_autocast(base, bits):
+    q = load_ours(base[1], quantize=f"int{bits}")
+    add_lora(q, rank=4, alpha=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(B["input_ids"], B["pixel_values"], B["attention_mask"], B["token_type_ids"], labels=B["labels"])
+    out.loss.backward()
+    grads = [m.lora_B.weight.grad for m in lora_layers(q).values()]
+    assert torch.isfinite(out.loss) and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

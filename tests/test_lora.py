@@ -129,11 +129,12 @@ def to_v4_key(k):
     raise AssertionError(k)
 
 
-@pytest.mark.parametrize("targets", [list(LORA_TARGETS), r".*language_model.*\.(q_proj|v_proj)", "all-linear"],
-                         ids=["seven", "regex-text-qv", "all-linear"])
-def test_ours_loads_peft(base, tmp_path, targets):
+@pytest.mark.parametrize("targets, task", [(list(LORA_TARGETS), None), (r".*language_model.*\.(q_proj|v_proj)", None),
+                                           ("all-linear", None), (["q_proj", "v_proj"], "CAUSAL_LM")],
+                         ids=["seven", "regex-text-qv", "all-linear", "causal-lm-qv"])
+def test_ours_loads_peft(base, tmp_path, targets, task):
     hf, folder = base
-    cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=targets)
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=targets, task_type=task)
     theirs = peft.get_peft_model(copy.deepcopy(hf), cfg)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():

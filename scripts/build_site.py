@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import html
 import json
 import re
 import shutil
@@ -42,7 +43,8 @@ def course_notebooks(nbs: Path = NBS) -> list:
 def read_notebook(path: Path) -> dict:
     "A notebook's JSON, with a clear error naming the file when it is not one."
     try: nb = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise ValueError(f"{path}: not a notebook (JSON error at line {e.lineno}: {e.msg})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a notebook (JSON error at line {e.lineno}: {e.msg})") from None
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise ValueError(f"{path}: not a notebook (expected a JSON object with a 'cells' list)")
     return nb
@@ -248,7 +250,7 @@ def write_docs(docs: Path, explorer: bool = True) -> dict:
     for stem, (p, nb) in nbs.items():
         title = notebook_title(nb, p)
         (docs / f"{stem}.md").write_text(notebook_markdown(p, nb, modules[stem], api_pages, files, extra), encoding="utf-8")
-        nav_nbs.append({f"{stem[:2]} {title}": f"{stem}.md"})
+        nav_nbs.append({html.escape(f"{stem[:2]} {title.replace('`', '')}", quote=False): f"{stem}.md"})
         m = modules[stem]
         if m in api_pages:
             (docs / "api").mkdir(exist_ok=True)
@@ -257,9 +259,9 @@ def write_docs(docs: Path, explorer: bool = True) -> dict:
             nav_api.append({f"{m}": f"api/{m}.md"})
     if nav_api:
         rows = "\n".join(f"| [`paligemma_edu.{m}`]({m}.md) | [{s}](../{s}.md) |" for s, m in modules.items() if m in api_pages)
-        (docs / "api" / "index.md").write_text("# API reference\n\nEvery exported name of `paligemma_edu`, from its docstring and "
-                                               "signature, one page per module in course order.\n\n| module | built in |\n"
-                                               f"|---|---|\n{rows}\n", encoding="utf-8")
+        intro = "Every exported name of `paligemma_edu`, from its docstring and signature, one page per module in course order."
+        (docs / "api" / "index.md").write_text(f"# API reference\n\n{intro}\n\n| module | built in |\n|---|---|\n{rows}\n",
+                                               encoding="utf-8")
     (docs / "index.md").write_text(index_markdown(extra, nbs), encoding="utf-8")
     for rel, blob in files.items():
         (docs / rel).parent.mkdir(parents=True, exist_ok=True)

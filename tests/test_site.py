@@ -228,3 +228,42 @@ def test_explorer(site, base_url, browser):
     print(f"\nscreenshot: {shot}")
     assert not w.errors and not w.external, (w.errors, w.external)
     w.page.close()
+
+
+# The page writer alone (no browser, no MkDocs): what a notebook page keeps and drops, and the build's refusals.
+def _nb(*cells):
+    "A notebook from (cell type, source, outputs) triples."
+    return {"cells": [{"cell_type": t, "source": s, "metadata": {}, **({"outputs": o} if t == "code" else {})}
+                      for t, s, o in cells]}
+
+
+def test_notebook_markdown_keeps_export_cells_and_outputs_drops_hidden():
+    pytest.importorskip("latex2mathml")
+    import build_site
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    nb = _nb(("markdown", "# A `<seg>` title\n\n> summary with $x^2$", None),
+             ("code", "#| default_exp demo", []),
+             ("code", "#| export\ndef f(x): return x", []),
+             ("code", "#| hide\nsecret = 1", []),
+             ("code", "f(2)", [{"output_type": "execute_result", "data": {"text/plain": "2"}, "metadata": {}}]),
+             ("code", "#| echo: false\nshow()", [{"output_type": "display_data", "data": {"image/png": png}, "metadata": {}}]),
+             ("markdown", "See [the shapes](13_shapes.ipynb#pixel-labels) and `$not math$`.", None))
+    assert build_site.notebook_title(nb, Path("x.ipynb")) == "A `<seg>` title" and build_site.default_exp(nb) == "demo"
+    files = {}
+    md = build_site.notebook_markdown(Path("nbs/99_demo.ipynb"), nb, "demo", {"demo"}, files, {})
+    assert "#| export\ndef f(x): return x" in md and "secret" not in md and "show()" not in md
+    assert "```text\n2\n```" in md and "(api/demo.md)" in md
+    assert list(files) == ["99_demo_files/output_0.png"] and files["99_demo_files/output_0.png"].startswith(b"\x89PNG")
+    assert "<math" in md and "$x^2$" not in md and "`$not math$`" in md
+    assert "(13_shapes.md#pixel-labels)" in md
+
+
+def test_build_refuses_a_folder_it_did_not_write(tmp_path):
+    pytest.importorskip("mkdocs")
+    import build_site
+    (tmp_path / "mine").mkdir(); (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"): build_site.build(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    bad = tmp_path / "00_x.ipynb"; bad.write_text("{not json")
+    with pytest.raises(ValueError, match="00_x.ipynb: not a notebook"): build_site.read_notebook(bad)
+    with pytest.raises(ValueError, match="no '# Title'"): build_site.notebook_title(_nb(("markdown", "no title", None)), bad)

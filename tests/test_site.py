@@ -81,7 +81,7 @@ def base_url(site):
 def browser(base_url):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox"])
+        b = p.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield b
         b.close()
 

@@ -8,6 +8,7 @@ cfg = cfg["DEFAULT"]
 
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
+docs_requirements = cfg.get("docs_requirements", "").split()  # the course website: scripts/build_site.py, tests/test_site.py
 scripts = cfg.get("console_scripts", "").split()
 
 setuptools.setup(
@@ -24,7 +25,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={cfg["lib_name"]: ["assets/**/*"]},
     install_requires=requirements,
-    extras_require={"dev": dev_requirements, "hub": ["huggingface_hub"]},
+    extras_require={"dev": dev_requirements, "hub": ["huggingface_hub"], "docs": docs_requirements},
     entry_points={"console_scripts": scripts, "nbdev": [f"{cfg['lib_name']}={cfg['lib_name']}._modidx:d"]},
     zip_safe=False,
 )

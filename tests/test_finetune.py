@@ -263,3 +263,33 @@ def test_cli_full_finetune_loads_in_transformers(tmp_path, data, bundled):
     assert (a - b).abs().max() <= 1e-4
     base, _ = bundled
     assert not torch.equal(ours.multi_modal_projector.linear.weight, base.multi_modal_projector.linear.weight)
+
+
+def test_scores_exact_boxes_and_masks(tmp_path):
+    "Exact match, box IoU for detect prompts and mask IoU for segment prompts (the bundled mask codec)."
+    from paligemma_edu.finetune import score_predictions
+    from paligemma_edu.segmentation import load_mask_codec
+    codec = load_mask_codec()
+    image, prompt, truth, scene = make_example(11, "segment", codec=codec)
+    image.save(tmp_path / "a.png")
+    shape = prompt.split(" ", 1)[1]
+    det = f"<loc0100><loc0100><loc0500><loc0500> {shape}"
+    part = f"<loc0100><loc0100><loc0500><loc0400> {shape}"  # three quarters of the width: IoU 0.75
+    recs = [dict(image=str(tmp_path / "a.png"), prompt=f"detect {shape}", answer=det),
+            dict(image=str(tmp_path / "a.png"), prompt=prompt, answer=truth),
+            dict(image=str(tmp_path / "a.png"), prompt=prompt, answer=truth),
+            dict(image=str(tmp_path / "a.png"), prompt="caption en", answer="a red circle")]
+    res = score_predictions(recs, [part, truth, "not a mask", "a red  circle"], codec)
+    assert res["exact"] == 0.5 and res["n"] == 4
+    assert res["detect_mean_iou"] == pytest.approx(0.75) and res["detect_hit@0.5"] == 1.0
+    assert res["segment_mask_iou"] == pytest.approx(0.5)  # a perfect mask and an unreadable answer
+    assert "segment_mask_iou" not in score_predictions(recs, [part, truth, truth, ""], None)
+
+
+def test_fit_prints_plain_progress_off_a_terminal(capsys):
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    fit(opt, lambda step: (w ** 2).sum(), steps=5, lr=0.1, warmup=0, print_every=2, examples_per_step=4, desc="demo")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" loss")[0] for line in lines] == ["demo step 2/5", "demo step 4/5", "demo step 5/5"]
+    assert all(re.search(r"loss \d+\.\d{4} [\d.]+ ex/s ETA \d+:\d\d:\d\d$", line) for line in lines), lines

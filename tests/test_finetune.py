@@ -259,7 +259,9 @@ def test_cli_full_finetune_loads_in_transformers(tmp_path, data, bundled):
     batch = make_batch(processor, [JsonlDataset(read_jsonl(data / "val.jsonl"))[i] for i in range(2)])
     batch.pop("labels")
     with torch.no_grad():
-        a, b = ours(**batch).logits, theirs(**batch).logits
+        mask = batch["attention_mask"]
+        hf_positions = (mask.cumsum(-1) - 1).clamp(min=0) + 1  # ours on a left-padded batch (as tests/test_paligemma.py)
+        a, b = ours(**batch).logits, theirs(**batch, position_ids=hf_positions).logits
     assert (a - b).abs().max() <= 1e-4
     base, _ = bundled
     assert not torch.equal(ours.multi_modal_projector.linear.weight, base.multi_modal_projector.linear.weight)

@@ -295,3 +295,18 @@ def test_fit_prints_plain_progress_off_a_terminal(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(" loss")[0] for line in lines] == ["demo step 2/5", "demo step 4/5", "demo step 5/5"]
     assert all(re.search(r"loss \d+\.\d{4} [\d.]+ ex/s ETA \d+:\d\d:\d\d$", line) for line in lines), lines
+
+
+def test_gradient_checkpointing_option(tmp_path, data, tiny_base):
+    "--gradient-checkpointing switches on the model's checkpointing; the weights come out the same as without it."
+    from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+    s = FinetuneSettings(train=str(data / "train.jsonl"), model=str(tiny_base), method="lora", lora_rank=2,
+                         lora_dropout=0.1, steps=2, batch_size=2, workers=0)
+    if not hasattr(PaliGemmaForConditionalGeneration, "gradient_checkpointing_enable"):
+        with pytest.raises(ValueError, match="no gradient_checkpointing_enable"):
+            finetune(FinetuneSettings(**{**s.__dict__, "gradient_checkpointing": True}), tmp_path / "gc", progress=False)
+        return
+    for name, on in (("plain", False), ("gc", True)):
+        finetune(FinetuneSettings(**{**s.__dict__, "gradient_checkpointing": on}), tmp_path / name, progress=False)
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("plain", "gc"))
+    for k in a: torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)

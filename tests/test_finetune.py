@@ -170,10 +170,17 @@ RUN = textwrap.dedent("""
 """)
 
 
-def _run(args: dict) -> subprocess.CompletedProcess:
+def _start(args: dict) -> subprocess.Popen:
+    "A fine-tuning run in a new process (one thread), its output captured."
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "-c", RUN, json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple:
+    "(return code, stderr) of a run started by `_start`."
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err[-2000:]
 
 
 @pytest.mark.parametrize("method, workers", [("full", 0), ("lora", 1)])
@@ -181,14 +188,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data, tiny_base, method
     "A run killed by SIGKILL mid-step and resumed ends with the same weights, bit for bit, as an uninterrupted run."
     base = dict(train=str(data / "train.jsonl"), model=str(tiny_base), method=method, steps=6, batch_size=2,
                 grad_accum=2, lr=1e-2, save_every=2, workers=workers, lora_rank=2, lora_dropout=0.1 if method == "lora" else 0.0)
-    done = _run(base | {"out": str(tmp_path / "straight")})
-    assert done.returncode == 0, done.stderr[-2000:]
-    killed = _run(base | {"out": str(tmp_path / "resumed"), "kill_at_micro_batch": 2 * 5 + 2})  # during step 6
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    straight = _start(base | {"out": str(tmp_path / "straight")})           # the two first runs side by side
+    killed = _start(base | {"out": str(tmp_path / "resumed"), "kill_at_micro_batch": 2 * 5 + 2})  # during step 6
+    (code, err), (killed_code, killed_err) = _finish(straight), _finish(killed)
+    assert code == 0, err
+    assert killed_code == -signal.SIGKILL, killed_err
     meta = json.loads((tmp_path / "resumed" / CHECKPOINT / "checkpoint.json").read_text())
     assert meta["step"] == 4 and meta["data"]["micro_batch"] == 8
-    resumed = _run(base | {"out": str(tmp_path / "resumed"), "resume": True})
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, err = _finish(_start(base | {"out": str(tmp_path / "resumed"), "resume": True}))
+    assert code == 0, err
     name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .core import StagedFolder, check_regular_file, pick_device, pick_dtype, read_json
+from .core import (StagedFolder, check_regular_file, finish_swap, pick_device, pick_dtype, read_json, reading,
+                                verified)
 from .paligemma import PaliGemmaConfig
 
 # %% auto #0
@@ -79,7 +81,7 @@ def read_safetensors(files, weight_map: dict | None = None) -> dict:
     "Memory-mapped tensors of every file by name: each read once, finite, where the index says; errors name the file."
     out, origin = {}, {}
     for f in files:
-        check_regular_file(f, "safetensors file")
+        verified(f, "safetensors file")  # a regular file; the bytes that were saved, when the folder has a manifest
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
@@ -203,6 +205,8 @@ def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.m
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
     folder = Path(path)
+    msg = finish_swap(folder)  # a run killed while replacing this folder: its new (or old) version put in place
+    if msg: warnings.warn(msg, stacklevel=3)
     if folder.exists():
         if not folder.is_dir(): raise NotADirectoryError(f"{str(path)!r} is a file; expected a checkpoint folder")
         return folder
@@ -216,13 +220,14 @@ def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
-    if quantize is not None or "quantization_config" in read_json(cfg_file, "config"):  # see 20_quantization
-        from paligemma_edu.quantization import from_pretrained_quantized
-        return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
-    dtype, device = pick_dtype(dtype), pick_device(device)
-    sd = remap_state_dict(read_safetensors(*find_weight_files(folder)))
-    model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
-    return load_into(model, sd, dtype, device).eval()
+    with reading(folder):  # a save into the folder is not half seen; a crash's interrupted save is completed first
+        if quantize is not None or "quantization_config" in read_json(cfg_file, "config"):  # see 20_quantization
+            from paligemma_edu.quantization import from_pretrained_quantized
+            return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
+        dtype, device = pick_dtype(dtype), pick_device(device)
+        sd = remap_state_dict(read_safetensors(*find_weight_files(folder)))
+        model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
+        return load_into(model, sd, dtype, device).eval()
 
 def _download(repo_id: str, allow_patterns: list) -> Path:
     "Fetch a Hub repo with huggingface_hub if installed (the only network path of the library)."
@@ -251,7 +256,7 @@ def save_pretrained(model, folder, processor=None):
     "Write config.json + model.safetensors (published key layout), and the processor if given, atomically."
     if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
     folder = Path(folder)
-    with StagedFolder(folder) as st:
+    with StagedFolder(folder, manifest=True) as st:
         cfg = model.cfg.to_dict()  # a quantized model (20_quantization) also records its settings; its state_dict is portable
         if getattr(model, "quantization", None) is not None: cfg["quantization_config"] = model.quantization
         st.write_text("config.json", json.dumps(cfg, indent=2))

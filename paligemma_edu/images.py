@@ -187,7 +187,7 @@ class SiglipImageProcessor:
         if self.image_seq_length is None:
             raise ValueError("image_seq_length is not set; PaliGemmaProcessor needs it. Set it to the number of image "
                              "tokens, (image_size // patch_size) ** 2, e.g. 256 for 224 px and 14 px patches")
-        with StagedFolder(folder) as st:  # temporary name, then os.replace: never a half-written file
+        with StagedFolder(folder, manifest=True) as st:  # temporary name, then os.replace: never a half-written file
             st.write_text("preprocessor_config.json", self.to_json_string()); st.commit()
         return Path(folder) / "preprocessor_config.json"
 

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .core import StagedFolder, check_regular_file, read_json
+from .core import StagedFolder, read_json, reading, verified
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'LOC_TOKENS', 'SEG_TOKENS', 'SPECIAL_TOKENS', 'build_paligemma_tokenizer', 'PaliGemmaTokenizer',
@@ -94,7 +94,7 @@ class PaliGemmaTokenizer:
         folder = Path(folder)
         self.folder, self.added = folder, {}    # added: transformers' added tokens beyond tokenizer.model, text -> id
         if (folder / "tokenizer.json").exists():
-            path = check_regular_file(folder / "tokenizer.json", "tokenizer file")
+            path = verified(folder / "tokenizer.json", "tokenizer file")
             from tokenizers import Tokenizer
             try: self._tk = Tokenizer.from_file(str(path))
             except Exception as e:
@@ -104,7 +104,7 @@ class PaliGemmaTokenizer:
             self._piece_to_id, self._id_to_piece = self._tk.token_to_id, self._tk.id_to_token
             self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
         elif (folder / "tokenizer.model").exists():
-            path = check_regular_file(folder / "tokenizer.model", "tokenizer file")
+            path = verified(folder / "tokenizer.model", "tokenizer file")
             import sentencepiece as spm
             try: sp = spm.SentencePieceProcessor(model_file=str(path))
             except Exception as e:
@@ -263,11 +263,16 @@ class PaliGemmaProcessor:
         self.image_token, self.image_token_id = IMAGE_TOKEN, tokenizer.image_token_id
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **kwargs) -> "PaliGemmaProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike, padding_side: str = "left") -> "PaliGemmaProcessor":
         "Tokenizer files and preprocessor_config.json from a folder or Hub id; image_seq_length from there or config.json."
-        from paligemma_edu.images import SiglipImageProcessor
         from paligemma_edu.checkpoints import resolve_folder
         folder = resolve_folder(folder, allow_patterns=("*.json", "tokenizer.model"))  # the same paths as the model's
+        with reading(folder): return cls._from_folder(folder, padding_side)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, padding_side: str = "left") -> "PaliGemmaProcessor":
+        "The processor of a local folder (held still by `reading`)."
+        from paligemma_edu.images import SiglipImageProcessor
         ip = SiglipImageProcessor.from_pretrained(folder)
         seq = getattr(ip, "image_seq_length", None)
         if seq is None and (folder / "config.json").exists():  # only the vision part is needed here
@@ -281,7 +286,7 @@ class PaliGemmaProcessor:
         if seq is None:
             raise ValueError(f"cannot tell the number of image tokens: {str(folder)!r} has no image_seq_length in "
                              "preprocessor_config.json and no config.json with vision_config.image_size/patch_size")
-        return cls(ip, PaliGemmaTokenizer(folder), image_seq_length=seq, **kwargs)
+        return cls(ip, PaliGemmaTokenizer(folder), image_seq_length=seq, padding_side=padding_side)
 
     TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                        "added_tokens.json")
@@ -300,7 +305,7 @@ class PaliGemmaProcessor:
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         "Write the tokenizer files and preprocessor_config.json to `folder` atomically, removing stale tokenizer files."
         if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
-        with StagedFolder(folder) as st: st.commit(remove=self.stage_files(st))
+        with StagedFolder(folder, manifest=True) as st: st.commit(remove=self.stage_files(st))
         return Path(folder)
 
     def __call__(self, images=None, text: str | list[str] | None = None, suffix: str | list[str] | None = None,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import check_regular_file, pick_device, pick_dtype, read_json
+from .core import pick_device, pick_dtype, read_json, verified
 from .paligemma import PaliGemmaConfig
 from .checkpoints import HEAD, EMBED, CheckpointError, all_finite, check_state_dict, find_weight_files
 from .checkpoints import check_placement, empty_model, remap_state_dict
@@ -579,7 +579,7 @@ def _tensor_infos(folder) -> dict:
     files, weight_map = find_weight_files(folder)
     infos, origin = {}, {}
     for f in files:
-        for k, info in read_header(check_regular_file(f, "safetensors file")).items():
+        for k, info in read_header(verified(f, "safetensors file")).items():
             check_placement(k, f, origin, weight_map)
             infos[k], origin[k] = info, f
     return remap_state_dict(infos)

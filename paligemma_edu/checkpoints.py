@@ -48,6 +48,10 @@ def find_weight_files(folder) -> tuple:
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
     index, single = folder / INDEX, folder / SINGLE
+    for p in (index, single):
+        if p.is_symlink() and not p.exists():
+            raise FileNotFoundError(f"{p.name} in {folder} is a symbolic link that leads nowhere (a loop or a missing "
+                                    f"target: {os.readlink(p)!r}); point it at the real file or replace it with the file")
     if index.exists() and single.exists():
         raise ValueError(f"{folder} holds both {SINGLE} and {INDEX} (two layouts of the weights); remove the stale one")
     if index.exists():
@@ -105,11 +109,17 @@ def _to_torch(a: np.ndarray) -> torch.Tensor:
 def read_npz(path) -> dict:
     "Every array of an .npz of weights (big_vision's) by name, 'params/' prefix dropped, read without pickle."
     path = check_regular_file(path, ".npz weights file")
+    with open(path, "rb") as f: magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # numpy would call anything else pickled data
+        raise ValueError(f"{str(path)!r} is not an .npz file (a zip archive of .npy arrays): it starts with {magic!r}; "
+                         "give big_vision's .npz of weights")
     try:
         with np.load(path, allow_pickle=False) as z: arrays = {k: z[k] for k in z.files}
     except Exception as e:
         first_line = str(e).splitlines()[0][:120]
         raise ValueError(f"could not read {str(path)!r} as an .npz of weights ({type(e).__name__}: {first_line})") from None
+    not_arrays = sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))  # numpy returns bytes for them
+    if not_arrays: raise ValueError(f"{str(path)!r} holds members that are not .npy arrays: {not_arrays[:5]}")
     if arrays and all(k.startswith("params/") for k in arrays): arrays = {k[len("params/"):]: v for k, v in arrays.items()}
     out = {}
     for k, a in arrays.items():
@@ -184,6 +194,9 @@ def skip_init_weights():
 
 def empty_model(cls, cfg, attn_implementation: str = "sdpa"):
     "`cls(cfg)` with both towers on `attn_implementation`, not initialised (its weights are loaded next)."
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager' (this library has no {attn_implementation!r}); "
+                         "'sdpa' is the fast default, 'eager' returns attention probabilities")
     cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
     with skip_init_weights(): return cls(cfg)
 
@@ -192,6 +205,11 @@ def load_into(model, sd: dict, dtype, device):
     expected = {k: v.shape for k, v in model.state_dict().items()}
     sd = tie_head(sd)
     check_state_dict(expected, sd)
+    floats = model.state_dict()
+    kinds = sorted(f"{k} ({v.dtype})" for k, v in sd.items() if floats[k].is_floating_point() != v.is_floating_point())
+    if kinds:
+        raise CheckpointError(f"checkpoint tensors of the wrong kind (weights must be floating point, buffers as saved): "
+                              f"{kinds[:5]}{' ...' if len(kinds) > 5 else ''}; the file was written with wrong dtypes")
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     lm = model.language_model

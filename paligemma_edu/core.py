@@ -47,7 +47,10 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 def pick_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
     "Resolve `dtype` given as a torch dtype or a name like 'float32' / 'bf16'; None -> float32."
     if dtype is None: return torch.float32
-    if isinstance(dtype, torch.dtype): return dtype
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype for the weights (float32, bfloat16, float16); found {dtype}")
+        return dtype
     key = str(dtype).lower().replace("torch.", "")
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(set(_DTYPES))}")

@@ -162,6 +162,8 @@ class PaliGemmaTokenizer:
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         "Text of `ids`; with `skip_special_tokens` the pad/eos/bos/unk and `<image>` tokens are dropped (loc/seg are kept)."
         ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad: raise ValueError(f"cannot decode token id(s) {bad[:5]}: ids lie in [0, {self.vocab_size}) for this tokenizer")
         if skip_special_tokens: ids = [i for i in ids if i not in self.special_ids]
         if self.backend == "tokenizers": return self._tk.decode(ids, skip_special_tokens=False)
         # sentencepiece drops control tokens and writes <unk> as ' ⁇ ': decode runs of ordinary ids, specials by name
@@ -179,11 +181,21 @@ class ProcessorOutput(dict):
         try: return self[k]
         except KeyError: raise AttributeError(f"no field {k!r}; available: {sorted(self)}") from None
 
+def _check_text(t: str, what: str) -> str:
+    "`t` if it can be written as UTF-8 (a lone surrogate, e.g. from a bad decode, cannot)."
+    try: t.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds {t[e.start:e.end]!r} at character {e.start}, a lone surrogate that is not valid "
+                         "Unicode text; fix the string (e.g. decode its bytes with errors='replace')") from None
+    return t
+
 def _as_list(x, what: str) -> list:
-    "A str -> [str]; a list/tuple -> list."
-    if isinstance(x, str): return [x]
-    if isinstance(x, (list, tuple)) and all(isinstance(t, str) for t in x): return list(x)
-    raise TypeError(f"{what} must be a str or a list of str; found {type(x).__name__}")
+    "A str -> [str]; a list/tuple of str -> list; each valid Unicode."
+    if isinstance(x, str): return [_check_text(x, what)]
+    if not isinstance(x, (list, tuple)): raise TypeError(f"{what} must be a str or a list of str; found {type(x).__name__}")
+    bad = [(i, type(t).__name__) for i, t in enumerate(x) if not isinstance(t, str)]
+    if bad: raise TypeError(f"{what} must be a str or a list of str; {what}[{bad[0][0]}] is {bad[0][1]}")
+    return [_check_text(t, f"{what}[{i}]") for i, t in enumerate(x)]
 
 def _images_per_sample(images) -> list[list]:
     "One image, a list (one image per prompt) or a list of lists (several per prompt) -> list of lists."
@@ -316,13 +328,20 @@ class PaliGemmaProcessor:
         if text is None:
             raise ValueError("PaliGemmaProcessor needs a text prompt for each image (e.g. 'caption en'); found text=None")
         text, per_sample = _as_list(text, "text"), _images_per_sample(images)
+        if not text or not per_sample or not all(per_sample):
+            raise ValueError(f"received {len(per_sample)} images (or image lists, {sum(map(len, per_sample))} images) and "
+                             f"{len(text)} prompts: give at least one image and one prompt (an empty list asks for nothing)")
         if len(per_sample) != len(text):
             raise ValueError(f"received {len(per_sample)} images (or image lists) for {len(text)} prompts; "
                              "give one image per prompt")
         has_tokens = any(IMAGE_TOKEN in t for t in text)
         prompts = [_prompt_with_image_tokens(t, len(ims), has_tokens, self.image_seq_length) for t, ims in zip(text, per_sample)]
         seqs, types = _token_rows(self.tokenizer, prompts, None if suffix is None else _as_list(suffix, "suffix"))
-        keep = max(s.index(self.tokenizer.bos_token_id) + 1 for s in seqs)  # image tokens and <bos>: never cut
+        bos = self.tokenizer.bos_token_id
+        if any(bos not in s for s in seqs):
+            raise ValueError(f"the tokenizer did not write <bos> as id {bos} in the prompt: its files disagree on the special "
+                             f"token ids (tokenizer.json, tokenizer_config.json); rebuild the tokenizer or use a consistent one")
+        keep = max(s.index(bos) + 1 for s in seqs)  # image tokens and <bos>: never cut
         seqs, types = _truncate(seqs, types, max_length, truncation, self.image_seq_length, keep)
         length = _padded_length([len(s) for s in seqs], padding, max_length)
         side, mask = padding_side or self.padding_side, [[1] * len(s) for s in seqs]

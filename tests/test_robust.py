@@ -386,3 +386,18 @@ def test_cli_debug_before_command_and_codec_without_masks(tmp_path, capsys):
     with pytest.raises(FileNotFoundError): main(["--debug", "generate", "--image", "/no/such.png", "--prompt", "x"])
     assert main(["generate", "--image", "/no/such.png", "--prompt", "x", "--codec", "/no/codec"]) == 2
     assert "--codec is used only with --masks" in capsys.readouterr().err
+
+
+def test_quantized_folder_with_changed_bytes_is_refused(saved, tmp_path):
+    "Random bytes over an int8 qweight of a saved quantized model: an error naming the file."
+    from paligemma_edu.quantization import quantize
+    d = tmp_path / "q"
+    quantize(Model.from_pretrained(saved), 8).save_pretrained(d)
+    Model.from_pretrained(d)
+    f = d / "model.safetensors"
+    header = 8 + int.from_bytes(f.read_bytes()[:8], "little")
+    meta = json.loads(f.read_bytes()[8:header])
+    k = next(k for k in meta if k.endswith("qweight"))
+    with open(f, "r+b") as fh: fh.seek(header + meta[k]["data_offsets"][0]); fh.write(os.urandom(32))
+    with pytest.raises(ValueError, match="model.safetensors.*not the file that was saved") as e: Model.from_pretrained(d)
+    one_line(e)

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['MAX_JSON_BYTES', 'MANIFEST', 'JOURNAL', 'pick_device', 'pick_dtype', 'seed_everything', 'model_device', 'evaluating',
-           'LayerDiff', 'compare_layers', 'check_regular_file', 'read_json', 'folder_lock', 'sha256_file',
-           'finish_commit', 'clean_leftovers', 'read_manifest', 'verified', 'reading', 'StagedFolder', 'swap_in_folder',
-           'finish_swap']
+__all__ = ['MAX_JSON_BYTES', 'MANIFEST', 'JOURNAL', 'MANIFEST_FORMAT', 'pick_device', 'pick_dtype', 'seed_everything',
+           'model_device', 'evaluating', 'LayerDiff', 'compare_layers', 'check_regular_file', 'read_json',
+           'folder_lock', 'sha256_file', 'finish_commit', 'clean_leftovers', 'read_manifest', 'verified', 'reading',
+           'StagedFolder', 'swap_in_folder', 'finish_swap']
 
 # %% ../nbs/00_core.ipynb #a4e71a37
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -162,6 +162,7 @@ def read_json(path, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES, ki
 
 # %% ../nbs/00_core.ipynb #d6758aad
 MANIFEST, JOURNAL = "manifest.json", ".commit-journal.json"
+MANIFEST_FORMAT = "paligemma_edu checkpoint manifest 1"   # a manifest.json without it belongs to another program
 _TMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp")   # a staged file: .{name}.{pid}-{random}.tmp
 
 def _pid_alive(pid: int) -> bool:
@@ -243,17 +244,25 @@ def read_manifest(folder) -> dict | None:
     "The {file name: {'sha256', 'size'}} a save recorded in `folder`'s manifest.json, or None (a folder from elsewhere)."
     path = Path(folder) / MANIFEST
     if not path.exists(): return None
-    files = read_json(path, "checkpoint manifest").get("files")
+    try: d = read_json(path, "checkpoint manifest", kind=None)
+    except ValueError: d = None
+    if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT: return None   # not ours: no checksums to check
+    files = d.get("files")
     if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) and
                                               isinstance(v.get("size"), int) for v in files.values()):
         raise ValueError(f"checkpoint manifest {str(path)!r} is damaged: expected 'files' mapping each file name to its "
                          "sha256 and size; delete it to load the folder without checksums")
     return files
 
+def _our_manifest(folder: Path) -> bool:
+    "Does `folder` hold a manifest.json written by this library (intact or not)?"
+    try: return read_manifest(folder) is not None
+    except ValueError: return True                  # ours, damaged
+
 def verified(path, what: str = "file") -> Path:
     "`path`, a regular file, after checking its size and sha256 against its folder's manifest (when it has one)."
     path = check_regular_file(path, what)
-    entry = None if path.name == MANIFEST else (read_manifest(path.parent) or {}).get(path.name)
+    entry = None if path.name in (MANIFEST, JOURNAL) else (read_manifest(path.parent) or {}).get(path.name)
     if entry is None: return path
     size = path.stat().st_size
     found = sha256_file(path) if size == entry["size"] else None
@@ -304,11 +313,11 @@ class StagedFolder:
     def _new_manifest(self, stale: list) -> str:
         "manifest.json after this commit: the files kept from the old one, and every staged file's sha256 and size."
         try: files = read_manifest(self.folder) or {}
-        except ValueError: files = {}                        # a damaged manifest is rebuilt from what is written now
+        except ValueError: files = {}                        # a damaged manifest of ours is rebuilt from what is written now
         files = {n: e for n, e in files.items() if n not in stale and (self.folder / n).is_file()}
         for name, tmp in self.staged.items():
             files[name] = dict(sha256=sha256_file(tmp), size=tmp.stat().st_size)
-        return json.dumps(dict(format="paligemma_edu checkpoint manifest 1", files=dict(sorted(files.items()))), indent=1)
+        return json.dumps(dict(format=MANIFEST_FORMAT, files=dict(sorted(files.items()))), indent=1)
 
     def commit(self, remove=()):
         "Delete stale files named in `remove` (those not being written), then rename every staged file into place."
@@ -320,7 +329,11 @@ class StagedFolder:
             if msg: _say(msg)
             stale = [n for n in remove if n not in self.staged and ((self.folder / n).is_file() or
                                                                     (self.folder / n).is_symlink())]
-            if self.manifest or (self.folder / MANIFEST).exists():
+            theirs = (self.folder / MANIFEST).exists() and not _our_manifest(self.folder)
+            if self.manifest and theirs:
+                raise FileExistsError(f"{str(self.folder)!r} holds a {MANIFEST} that this library did not write; save the "
+                                      "checkpoint into another folder (or move that file away)")
+            if self.manifest or ((self.folder / MANIFEST).exists() and not theirs):
                 self.staged.pop(MANIFEST, None)
                 text = self._new_manifest(stale)
                 self.path(MANIFEST).write_text(text, encoding="utf-8")   # staged last: renamed last

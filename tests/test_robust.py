@@ -401,3 +401,14 @@ def test_quantized_folder_with_changed_bytes_is_refused(saved, tmp_path):
     with open(f, "r+b") as fh: fh.seek(header + meta[k]["data_offsets"][0]); fh.write(os.urandom(32))
     with pytest.raises(ValueError, match="model.safetensors.*not the file that was saved") as e: Model.from_pretrained(d)
     one_line(e)
+
+
+def test_another_programs_manifest_is_left_alone(tmp_path):
+    "A manifest.json this library did not write is neither read for checksums nor overwritten."
+    theirs = json.dumps({"name": "web app", "files": ["a.json"]})
+    (tmp_path / MANIFEST).write_text(theirs)
+    with StagedFolder(tmp_path) as st: st.write_text("a.json", "{}"); st.write_text("b.json", "{}"); st.commit()
+    assert (tmp_path / MANIFEST).read_text() == theirs and read_manifest(tmp_path) is None
+    with pytest.raises(FileExistsError, match="manifest.json that this library did not write"):
+        with StagedFolder(tmp_path, manifest=True) as st: st.write_text("c.json", "{}"); st.commit()
+    assert (tmp_path / MANIFEST).read_text() == theirs and not (tmp_path / "c.json").exists()

@@ -394,6 +394,9 @@ def test_quantized_folder_with_changed_bytes_is_refused(saved, tmp_path):
     d = tmp_path / "q"
     quantize(Model.from_pretrained(saved), 8).save_pretrained(d)
     Model.from_pretrained(d)
+    with pytest.raises(ValueError, match="leave out --quantize on the command line") as e:
+        Model.from_pretrained(d, quantize="int4")
+    one_line(e)
     f = d / "model.safetensors"
     header = 8 + int.from_bytes(f.read_bytes()[:8], "little")
     meta = json.loads(f.read_bytes()[8:header])

@@ -5,6 +5,7 @@
 # %% ../nbs/21_big_vision.ipynb #363335b8
 from __future__ import annotations
 import copy
+import os
 
 import torch
 
@@ -126,6 +127,11 @@ def text_from_big_vision(p: dict, cfg: PaliGemmaConfig) -> dict:
 def from_big_vision(npz_path, config: PaliGemmaConfig, dtype=None, device=None, pad_vocab: bool = False,
                     attn_implementation: str = "sdpa") -> PaliGemmaForConditionalGeneration:
     "Load a big_vision PaliGemma .npz strictly into our model (numpy.load without pickle; every parameter mapped)."
+    if isinstance(config, dict): config = PaliGemmaConfig.from_dict(config)             # a config.json dict
+    elif isinstance(config, (str, os.PathLike)): config = PaliGemmaConfig.from_json_file(config)  # a config.json file
+    if not isinstance(config, PaliGemmaConfig):
+        raise TypeError(f"config must be a PaliGemmaConfig (e.g. paligemma2_config('3b', 224)), a config.json dict or "
+                        f"path; found {type(config).__name__}: the .npz holds weights only, so its shape must be given")
     params, config = read_npz(npz_path), copy.deepcopy(config)
     check_big_vision(params, config, where=str(npz_path), pad_vocab=pad_vocab)
     sd = vision_from_big_vision(params, config) | text_from_big_vision(params, config)

@@ -11,12 +11,14 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .core import StagedFolder, evaluating, model_device, pick_device, read_json, seed_everything
+from .core import (StagedFolder, evaluating, finish_swap, model_device, pick_device, read_json,
+                                seed_everything, swap_in_folder)
 from .paligemma import PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor
 from .generate import answer
@@ -180,21 +182,6 @@ def parse_recipe(text: str | None) -> dict:
     return check_recipe(recipe)
 
 # %% ../nbs/17_bundled_model.ipynb #935c3349
-def _replace_folder(tmp: Path, target: Path, overwrite: bool):
-    "Move the finished folder `tmp` to `target`; an existing, non-empty `target` only with `overwrite`."
-    umask = os.umask(0o022); os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # the permissions of a plain new folder (mkdtemp makes it owner-only)
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{target} exists and is not empty; choose another folder or pass overwrite=True")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        if target.exists(): target.rmdir()
-        os.replace(tmp, target)
-
 def train_bundled_model(out_dir, steps: int | None = None, seed: int = 0, recipe: dict | None = None,
                         eval_every: int = 400, progress: bool = True, on_log=None, device=None, overwrite: bool = False,
                         eval_per_task: int = 500):
@@ -203,16 +190,19 @@ def train_bundled_model(out_dir, steps: int | None = None, seed: int = 0, recipe
     the evaluation to out_dir, atomically."""
     r = full_recipe(dict(recipe or {}) | ({"steps": steps} if steps is not None else {}))
     device, out_dir = pick_device(device), Path(out_dir)
+    msg = finish_swap(out_dir)  # what a killed run into the same folder left: completed or removed
+    if msg: warnings.warn(msg, stacklevel=2)
     if out_dir.exists() and not out_dir.is_dir(): raise NotADirectoryError(f"{out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True")
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or overwrite it "
+                              "(overwrite=True; --overwrite on the command line)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         model, processor, info = _train_into(tmp, r, seed, eval_every, progress, on_log, device)
         (tmp / "history.json").write_text(json.dumps(info))
         if eval_per_task: evaluate_checkpoint(tmp, n_per_task=eval_per_task, command_folder=out_dir)
-        _replace_folder(tmp, out_dir, overwrite)
+        swap_in_folder(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

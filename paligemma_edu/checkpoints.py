@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .core import StagedFolder, check_regular_file, pick_device, pick_dtype, read_json
+from .core import (StagedFolder, check_regular_file, finish_swap, pick_device, pick_dtype, read_json, reading,
+                                verified)
 from .paligemma import PaliGemmaConfig
 
 # %% auto #0
@@ -46,6 +48,10 @@ def find_weight_files(folder) -> tuple:
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"checkpoint folder {str(folder)!r} does not exist")
     index, single = folder / INDEX, folder / SINGLE
+    for p in (index, single):
+        if p.is_symlink() and not p.exists():
+            raise FileNotFoundError(f"{p.name} in {folder} is a symbolic link that leads nowhere (a loop or a missing "
+                                    f"target: {os.readlink(p)!r}); point it at the real file or replace it with the file")
     if index.exists() and single.exists():
         raise ValueError(f"{folder} holds both {SINGLE} and {INDEX} (two layouts of the weights); remove the stale one")
     if index.exists():
@@ -79,7 +85,7 @@ def read_safetensors(files, weight_map: dict | None = None) -> dict:
     "Memory-mapped tensors of every file by name: each read once, finite, where the index says; errors name the file."
     out, origin = {}, {}
     for f in files:
-        check_regular_file(f, "safetensors file")
+        verified(f, "safetensors file")  # a regular file; the bytes that were saved, when the folder has a manifest
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
@@ -103,11 +109,17 @@ def _to_torch(a: np.ndarray) -> torch.Tensor:
 def read_npz(path) -> dict:
     "Every array of an .npz of weights (big_vision's) by name, 'params/' prefix dropped, read without pickle."
     path = check_regular_file(path, ".npz weights file")
+    with open(path, "rb") as f: magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # numpy would call anything else pickled data
+        raise ValueError(f"{str(path)!r} is not an .npz file (a zip archive of .npy arrays): it starts with {magic!r}; "
+                         "give big_vision's .npz of weights")
     try:
         with np.load(path, allow_pickle=False) as z: arrays = {k: z[k] for k in z.files}
     except Exception as e:
         first_line = str(e).splitlines()[0][:120]
         raise ValueError(f"could not read {str(path)!r} as an .npz of weights ({type(e).__name__}: {first_line})") from None
+    not_arrays = sorted(k for k, a in arrays.items() if not isinstance(a, np.ndarray))  # numpy returns bytes for them
+    if not_arrays: raise ValueError(f"{str(path)!r} holds members that are not .npy arrays: {not_arrays[:5]}")
     if arrays and all(k.startswith("params/") for k in arrays): arrays = {k[len("params/"):]: v for k, v in arrays.items()}
     out = {}
     for k, a in arrays.items():
@@ -182,6 +194,9 @@ def skip_init_weights():
 
 def empty_model(cls, cfg, attn_implementation: str = "sdpa"):
     "`cls(cfg)` with both towers on `attn_implementation`, not initialised (its weights are loaded next)."
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager' (this library has no {attn_implementation!r}); "
+                         "'sdpa' is the fast default, 'eager' returns attention probabilities")
     cfg.vision_config.attn_implementation = cfg.text_config.attn_implementation = attn_implementation
     with skip_init_weights(): return cls(cfg)
 
@@ -190,6 +205,11 @@ def load_into(model, sd: dict, dtype, device):
     expected = {k: v.shape for k, v in model.state_dict().items()}
     sd = tie_head(sd)
     check_state_dict(expected, sd)
+    floats = model.state_dict()
+    kinds = sorted(f"{k} ({v.dtype})" for k, v in sd.items() if floats[k].is_floating_point() != v.is_floating_point())
+    if kinds:
+        raise CheckpointError(f"checkpoint tensors of the wrong kind (weights must be floating point, buffers as saved): "
+                              f"{kinds[:5]}{' ...' if len(kinds) > 5 else ''}; the file was written with wrong dtypes")
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     lm = model.language_model
@@ -203,6 +223,8 @@ def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.m
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
     folder = Path(path)
+    msg = finish_swap(folder)  # a run killed while replacing this folder: its new (or old) version put in place
+    if msg: warnings.warn(msg, stacklevel=3)
     if folder.exists():
         if not folder.is_dir(): raise NotADirectoryError(f"{str(path)!r} is a file; expected a checkpoint folder")
         return folder
@@ -216,13 +238,14 @@ def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
-    if quantize is not None or "quantization_config" in read_json(cfg_file, "config"):  # see 20_quantization
-        from paligemma_edu.quantization import from_pretrained_quantized
-        return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
-    dtype, device = pick_dtype(dtype), pick_device(device)
-    sd = remap_state_dict(read_safetensors(*find_weight_files(folder)))
-    model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
-    return load_into(model, sd, dtype, device).eval()
+    with reading(folder):  # a save into the folder is not half seen; a crash's interrupted save is completed first
+        if quantize is not None or "quantization_config" in read_json(cfg_file, "config"):  # see 20_quantization
+            from paligemma_edu.quantization import from_pretrained_quantized
+            return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
+        dtype, device = pick_dtype(dtype), pick_device(device)
+        sd = remap_state_dict(read_safetensors(*find_weight_files(folder)))
+        model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
+        return load_into(model, sd, dtype, device).eval()
 
 def _download(repo_id: str, allow_patterns: list) -> Path:
     "Fetch a Hub repo with huggingface_hub if installed (the only network path of the library)."
@@ -251,7 +274,7 @@ def save_pretrained(model, folder, processor=None):
     "Write config.json + model.safetensors (published key layout), and the processor if given, atomically."
     if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
     folder = Path(folder)
-    with StagedFolder(folder) as st:
+    with StagedFolder(folder, manifest=True) as st:
         cfg = model.cfg.to_dict()  # a quantized model (20_quantization) also records its settings; its state_dict is portable
         if getattr(model, "quantization", None) is not None: cfg["quantization_config"] = model.quantization
         st.write_text("config.json", json.dumps(cfg, indent=2))

@@ -66,6 +66,9 @@ def cmd_generate(args):
     from paligemma_edu.generate import answer, TextStreamer, parse_detections, draw_boxes
     boxes = _figure_path(args.boxes, "--boxes") if args.boxes is not None else None
     masks = _figure_path(args.masks, "--masks") if args.masks is not None else None
+    if args.codec is not None and masks is None:
+        raise ValueError("--codec is used only with --masks (it decodes the masks of segment answers): add --masks OUT.png "
+                         "or leave --codec out")
     images = [load_image(p) for p in args.image]
     n_p, n_i = len(args.prompt), len(images)
     prompts = args.prompt if n_p == n_i else (args.prompt * n_i if n_p == 1 else None)
@@ -263,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show tracebacks instead of one-line errors")
     p = argparse.ArgumentParser(prog="paligemma-edu", description="PaliGemma from scratch: run, demo, train and evaluate.",
                                 parents=[common])
-    p.set_defaults(debug=False)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common], help="answer prompts about images",
                        description="Answer a prompt about one or more images, e.g. --prompt 'caption en', "
@@ -319,14 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Run one command; any error prints one line (the traceback with --debug) and returns a non-zero status."
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)  # absent unless given: before or after the command, never reset by the other
     try:
         args.func(args)
     except KeyboardInterrupt:
-        if args.debug: raise
+        if debug: raise
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if args.debug: raise
+        if debug: raise
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -4,12 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #b187e753
 from __future__ import annotations
+import glob
+import hashlib
 import json
 import os
 import random
-from contextlib import contextmanager
+import re
+import shutil
+from contextlib import ExitStack, contextmanager
 import stat
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,8 +24,10 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['MAX_JSON_BYTES', 'pick_device', 'pick_dtype', 'seed_everything', 'model_device', 'evaluating', 'LayerDiff',
-           'compare_layers', 'check_regular_file', 'read_json', 'StagedFolder']
+__all__ = ['MAX_JSON_BYTES', 'MANIFEST', 'JOURNAL', 'MANIFEST_FORMAT', 'pick_device', 'pick_dtype', 'seed_everything',
+           'model_device', 'evaluating', 'LayerDiff', 'compare_layers', 'check_regular_file', 'read_json',
+           'folder_lock', 'sha256_file', 'finish_commit', 'clean_leftovers', 'read_manifest', 'verified', 'reading',
+           'StagedFolder', 'swap_in_folder', 'finish_swap']
 
 # %% ../nbs/00_core.ipynb #a4e71a37
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -40,7 +47,10 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 def pick_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
     "Resolve `dtype` given as a torch dtype or a name like 'float32' / 'bf16'; None -> float32."
     if dtype is None: return torch.float32
-    if isinstance(dtype, torch.dtype): return dtype
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype for the weights (float32, bfloat16, float16); found {dtype}")
+        return dtype
     key = str(dtype).lower().replace("torch.", "")
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(set(_DTYPES))}")
@@ -138,8 +148,8 @@ def check_regular_file(path, what: str = "file") -> Path:
     return path
 
 def read_json(path, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES, kind: type | None = dict):
-    "Parse a JSON file after checking it is a regular file of sane size; errors name the file."
-    path = check_regular_file(path, what)
+    "Parse a JSON file after checking it is a regular file of sane size (and its checksum, see below); errors name the file."
+    path = verified(path, what)
     size = path.stat().st_size
     if size > max_bytes: raise ValueError(f"{what} {str(path)!r} is {size} bytes; expected at most {max_bytes}")
     try: data = json.loads(path.read_bytes())
@@ -151,35 +161,191 @@ def read_json(path, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES, ki
     return data
 
 # %% ../nbs/00_core.ipynb #d6758aad
+MANIFEST, JOURNAL = "manifest.json", ".commit-journal.json"
+MANIFEST_FORMAT = "paligemma_edu checkpoint manifest 1"   # a manifest.json without it belongs to another program
+_TMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp")   # a staged file: .{name}.{pid}-{random}.tmp
+
+def _pid_alive(pid: int) -> bool:
+    "Is process `pid` (the writer of a temporary file) still running? Unknown (Windows) counts as alive."
+    if pid == os.getpid() or os.name == "nt": return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OverflowError): return True
+    return True
+
+def _say(msg: str):
+    "Tell the user what was done to their files on their behalf (a crash's leftovers removed or completed)."
+    warnings.warn(msg, stacklevel=3)
+
+@contextmanager
+def folder_lock(folder, exclusive: bool = True):
+    "Hold an flock on `folder` itself: exclusive while committing, shared while reading (a no-op where unsupported)."
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError): yield; return
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError: pass   # a file system without locks: go on unlocked
+        yield
+    finally: os.close(fd)      # closing the descriptor releases the lock, as a crash does
+
+def sha256_file(path) -> str:
+    "The sha256 hex digest of a file, read in 8 MiB blocks."
+    h, buf = hashlib.sha256(), bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf): h.update(memoryview(buf)[:n])
+    return h.hexdigest()
+
+def _write_durably(path: Path, text: str):
+    "Write `text` to `path` through a temporary name, flushed to disk before the rename."
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f: f.write(text); f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def _plain_name(name, journal: Path) -> str:
+    "A file name from a commit journal: plain, inside the folder."
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"commit journal {str(journal)!r} names {name!r}, not a file of its folder; the journal is damaged: "
+                         "check the folder by hand, then delete the journal")
+    return name
+
+def finish_commit(folder) -> str | None:
+    "Complete a commit into `folder` that a crash interrupted between its renames (hold the folder's lock); what was done."
+    folder = Path(folder); journal = folder / JOURNAL
+    if not journal.exists(): return None
+    plan = read_json(journal, "commit journal")
+    renames = [(_plain_name(t, journal), _plain_name(n, journal)) for t, n in plan.get("renames", [])]
+    removes = [_plain_name(n, journal) for n in plan.get("remove", [])]
+    done = []
+    try:
+        for name in removes: (folder / name).unlink(missing_ok=True)
+        for tmp, name in renames:
+            if (folder / tmp).exists(): os.replace(folder / tmp, folder / name); done.append(name)
+        journal.unlink()
+    except OSError as e:
+        raise OSError(f"{str(folder)!r} holds a save that a crash interrupted ({JOURNAL}); completing it failed ({e}): "
+                      "run the load or save again with write access to the folder") from None
+    return (f"completed a save into {str(folder)!r} that was interrupted between its renames "
+            f"(moved in: {', '.join(done) or 'nothing left'})")
+
+def clean_leftovers(folder) -> str | None:
+    "Remove the temporary files of saves into `folder` whose writer died (hold the folder's lock); what was removed."
+    gone = []
+    for p in Path(folder).iterdir():
+        m = _TMP_RE.fullmatch(p.name)
+        if m and p.is_file() and not p.is_symlink() and not _pid_alive(int(m["pid"])):
+            gone.append((p, p.stat().st_size)); p.unlink()
+    if not gone: return None
+    return (f"removed {len(gone)} temporary file(s) ({sum(s for _, s in gone) / 1e6:.1f} MB) left in {str(folder)!r} by a "
+            f"save that did not finish: {', '.join(p.name for p, _ in gone)}")
+
+def read_manifest(folder) -> dict | None:
+    "The {file name: {'sha256', 'size'}} a save recorded in `folder`'s manifest.json, or None (a folder from elsewhere)."
+    path = Path(folder) / MANIFEST
+    if not path.exists(): return None
+    try: d = read_json(path, "checkpoint manifest", kind=None)
+    except ValueError: d = None
+    if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT: return None   # not ours: no checksums to check
+    files = d.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str) and
+                                              isinstance(v.get("size"), int) for v in files.values()):
+        raise ValueError(f"checkpoint manifest {str(path)!r} is damaged: expected 'files' mapping each file name to its "
+                         "sha256 and size; delete it to load the folder without checksums")
+    return files
+
+def _our_manifest(folder: Path) -> bool:
+    "Does `folder` hold a manifest.json written by this library (intact or not)?"
+    try: return read_manifest(folder) is not None
+    except ValueError: return True                  # ours, damaged
+
+def verified(path, what: str = "file") -> Path:
+    "`path`, a regular file, after checking its size and sha256 against its folder's manifest (when it has one)."
+    path = check_regular_file(path, what)
+    entry = None if path.name in (MANIFEST, JOURNAL) else (read_manifest(path.parent) or {}).get(path.name)
+    if entry is None: return path
+    size = path.stat().st_size
+    found = sha256_file(path) if size == entry["size"] else None
+    if found != entry["sha256"]:
+        why = (f"{size} bytes, saved as {entry['size']}" if found is None
+               else f"sha256 {found[:12]}…, saved as {entry['sha256'][:12]}…")
+        raise ValueError(f"{what} {str(path)!r} is not the file that was saved ({why}): it was damaged or changed "
+                         f"afterwards; restore it, or delete {MANIFEST} beside it to load the folder unchecked")
+    return path
+
+@contextmanager
+def reading(folder):
+    "Hold `folder` still while its files are read: wait out a commit in progress, complete one a crash interrupted."
+    folder = Path(folder)
+    with ExitStack() as stack:
+        for _ in range(3):
+            if (folder / JOURNAL).exists():
+                with folder_lock(folder): msg = finish_commit(folder)   # waits for a live writer; a dead one's is completed
+                if msg: _say(msg)
+            shared = folder_lock(folder, exclusive=False); shared.__enter__()
+            if not (folder / JOURNAL).exists(): stack.callback(shared.__exit__, None, None, None); break
+            shared.__exit__(None, None, None)                            # a writer died while we waited: once more
+        yield folder
+
 class StagedFolder:
-    "Write a set of files under temporary names in `folder`; `commit()` renames them all into place, `abort()` drops them."
-    def __init__(self, folder):
+    """Write a set of files under temporary names in `folder`; `commit()` puts them all in place (recoverably: a journal
+    names the renames; with `manifest`, or when the folder has one, manifest.json records every file's sha256),
+    `abort()` drops them."""
+    def __init__(self, folder, manifest: bool = False):
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise FileExistsError(f"{str(self.folder)!r} exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.staged = {}                                   # final name -> temporary path
+        self.staged, self.manifest = {}, manifest            # staged: final name -> temporary path
+        with folder_lock(self.folder):                       # what a crashed save left: completed, or removed
+            for msg in (finish_commit(self.folder), clean_leftovers(self.folder)):
+                if msg: _say(msg)
 
     def path(self, name: str) -> Path:
         "A temporary path in the folder that becomes `name` on commit."
         if name in self.staged: return self.staged[name]
-        tmp = self.folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = self.folder / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         self.staged[name] = tmp
         return tmp
 
     def write_text(self, name: str, text: str): self.path(name).write_text(text, encoding="utf-8")
 
+    def _new_manifest(self, stale: list) -> str:
+        "manifest.json after this commit: the files kept from the old one, and every staged file's sha256 and size."
+        try: files = read_manifest(self.folder) or {}
+        except ValueError: files = {}                        # a damaged manifest of ours is rebuilt from what is written now
+        files = {n: e for n, e in files.items() if n not in stale and (self.folder / n).is_file()}
+        for name, tmp in self.staged.items():
+            files[name] = dict(sha256=sha256_file(tmp), size=tmp.stat().st_size)
+        return json.dumps(dict(format=MANIFEST_FORMAT, files=dict(sorted(files.items()))), indent=1)
+
     def commit(self, remove=()):
         "Delete stale files named in `remove` (those not being written), then rename every staged file into place."
         missing = [n for n, t in self.staged.items() if not t.exists()]
         if missing: raise RuntimeError(f"staged files were never written: {missing}")
-        for name in remove:
-            p = self.folder / name
-            if name not in self.staged and (p.is_file() or p.is_symlink()): p.unlink()
         umask = os.umask(0o022); os.umask(umask)
-        for name, tmp in self.staged.items():
-            os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plain new file (safetensors writes owner-only files)
-            os.replace(tmp, self.folder / name)
+        with folder_lock(self.folder):
+            msg = finish_commit(self.folder)
+            if msg: _say(msg)
+            stale = [n for n in remove if n not in self.staged and ((self.folder / n).is_file() or
+                                                                    (self.folder / n).is_symlink())]
+            theirs = (self.folder / MANIFEST).exists() and not _our_manifest(self.folder)
+            if self.manifest and theirs:
+                raise FileExistsError(f"{str(self.folder)!r} holds a {MANIFEST} that this library did not write; save the "
+                                      "checkpoint into another folder (or move that file away)")
+            if self.manifest or ((self.folder / MANIFEST).exists() and not theirs):
+                self.staged.pop(MANIFEST, None)
+                text = self._new_manifest(stale)
+                self.path(MANIFEST).write_text(text, encoding="utf-8")   # staged last: renamed last
+            for tmp in self.staged.values():
+                os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plain new file (safetensors writes owner-only files)
+                with open(tmp, "rb+") as f: os.fsync(f.fileno())
+            renames = [(tmp.name, name) for name, tmp in self.staged.items()]
+            journal = len(renames) + len(stale) > 1
+            if journal: _write_durably(self.folder / JOURNAL, json.dumps(dict(renames=renames, remove=stale)))
+            for name in stale: (self.folder / name).unlink()
+            for tmp, name in renames: os.replace(self.folder / tmp, self.folder / name)
+            if journal: (self.folder / JOURNAL).unlink()
         self.staged = {}
 
     def abort(self):
@@ -190,3 +356,50 @@ class StagedFolder:
     def __enter__(self): return self
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None: self.abort()
+
+# %% ../nbs/00_core.ipynb #61f7007a
+def _tree_bytes(path: Path) -> int: return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+def _move_in(ready: Path, target: Path, pid: int):
+    "Put the complete folder `ready` at `target`: the old one aside as `.{name}.old-{pid}`, the new one in, the old removed."
+    old = target.with_name(f".{target.name}.old-{pid}")
+    if target.exists():
+        if any(target.iterdir()): os.replace(target, old)
+        else: target.rmdir()
+    os.replace(ready, target)
+    if old.exists(): shutil.rmtree(old)
+
+def swap_in_folder(new, target, overwrite: bool = False):
+    "Move the finished folder `new` (made beside `target`) to `target`, recoverably; a non-empty `target` only with `overwrite`."
+    new, target = Path(new), Path(target)
+    umask = os.umask(0o022); os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)  # the permissions of a plain new folder (mkdtemp makes it owner-only)
+    with folder_lock(target.parent):
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; choose another folder or overwrite it "
+                                  "(overwrite=True; --overwrite on the command line)")
+        ready = target.with_name(f".{target.name}.new-{os.getpid()}")
+        os.replace(new, ready)                     # marked complete: from here on a crash is rolled forward
+        _move_in(ready, target, os.getpid())
+
+def finish_swap(target) -> str | None:
+    "Complete or clean up what a killed `swap_in_folder` (or a killed run writing `target`) left beside `target`; what was done."
+    target = Path(target)
+    pat = re.compile(rf"\.{re.escape(target.name)}\.(tmp|new|old)-(\d+)(-\w+)?")
+    found = lambda: [(p, *pat.fullmatch(p.name).groups()[:2]) for p in target.parent.glob(f".{glob.escape(target.name)}.*")
+                     if pat.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    if not target.parent.is_dir() or not any(not _pid_alive(int(pid)) for _, _, pid in found()): return None
+    done = []
+    with folder_lock(target.parent):
+        left = [(p, kind, int(pid)) for p, kind, pid in found() if not _pid_alive(int(pid))]
+        for p, kind, pid in sorted(left, key=lambda x: ("new", "old", "tmp").index(x[1])):
+            if not p.exists(): continue
+            if kind == "new":
+                _move_in(p, target, pid); done.append(f"moved the finished {p.name} in as {target.name}")
+            elif kind == "old" and not target.exists():
+                os.replace(p, target); done.append(f"put the previous version {p.name} back as {target.name}")
+            else:
+                size = _tree_bytes(p); shutil.rmtree(p)
+                what = "the previous version" if kind == "old" else "the unfinished output"
+                done.append(f"removed {what} {p.name} ({size / 1e6:.1f} MB)")
+    return f"{target}: a run that wrote it was killed; " + "; ".join(done) if done else None

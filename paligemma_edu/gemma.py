@@ -4,6 +4,7 @@
 
 # %% ../nbs/08_gemma.ipynb #4ffa68dd
 from __future__ import annotations
+import math
 from dataclasses import dataclass, fields, asdict
 
 import torch
@@ -57,6 +58,11 @@ class GemmaConfig:
             raise ValueError(f"unsupported hidden_activation {self.hidden_activation!r}; Gemma uses 'gelu_pytorch_tanh'")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+        for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+                raise ValueError(f"{k} must be a positive number (or 0 or None: no cap); found {v!r}")
+            if v == 0: setattr(self, k, None)  # 0 means off, as in big_vision; transformers would divide by it
         if self.model_type == "gemma2":
             if self.query_pre_attn_scalar is None: self.query_pre_attn_scalar = 256
             if self.layer_types is None:

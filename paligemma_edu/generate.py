@@ -47,6 +47,7 @@ def check_generate_inputs(input_ids, pixel_values=None, attention_mask=None, max
         raise ValueError(f"input_ids must be a (batch, tokens) tensor; got {found}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
+    if 0 in input_ids.shape: raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one prompt")
     if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if do_sample and not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
@@ -95,6 +96,8 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, token_typ
     if eos_token_id is None: eos = tcfg.eos_token_ids
     else: eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     pad = tcfg.pad_token_id if pad_token_id is None else pad_token_id
+    if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < tcfg.vocab_size:
+        raise ValueError(f"pad_token_id must be a token id in [0, {tcfg.vocab_size}); found {pad!r}")
     if do_sample and generator is None and seed is not None: generator = torch.Generator(input_ids.device).manual_seed(seed)
     if compile:  # the fixed-shape step (19_fast_decoding): same tokens, a compiled or captured step
         from paligemma_edu.fast_decoding import fast_generate
@@ -156,9 +159,15 @@ class TextStreamer:
     def end(self): print(file=self.file, flush=True); self.ids, self.printed = [], ""
 
 def answer(model, processor, images, prompts, max_new_tokens: int = 32, streamer=None, **generate_kwargs) -> list:
-    "Answers (strings) of `model` to one prompt per image."
-    single = isinstance(prompts, str)
+    """Answers of `model`: an image and a prompt -> a string; a list of images and a prompt -> that prompt for each
+    image; lists of both -> one prompt per image. A multi-image prompt is asked for explicitly: [[im1, im2]]."""
+    single = isinstance(prompts, str) and not isinstance(images, (list, tuple))
     if single: images, prompts = [images], [prompts]
+    elif isinstance(prompts, str): prompts = [prompts] * len(images)  # N images, one prompt: N answers
+    if processor.image_token_id != model.cfg.image_token_index:
+        raise ValueError(f"the processor's tokenizer writes <image> as id {processor.image_token_id} but the model's config "
+                         f"says image_token_index {model.cfg.image_token_index}: they come from different checkpoints, or "
+                         "config.json's image_token_index is wrong")
     inputs = processor(images=images, text=prompts)
     dev = model_device(model)
     inputs = {k: v.to(dev) for k, v in inputs.items()}

@@ -102,7 +102,11 @@ def load_image(x) -> Image.Image:
         im = _open_path(Path(x))
         try: return _pil_to_rgb(im)
         except ValueError as e: raise ValueError(f"{str(x)!r}: {e}") from None
-    if isinstance(x, Image.Image): return _pil_to_rgb(x)
+    if isinstance(x, Image.Image):
+        try: return _pil_to_rgb(x)
+        except OSError as e:  # PIL.Image.open reads the pixels only now: a damaged file fails here
+            raise ValueError(f"could not read the pixels of the PIL image ({e}); the file it was opened from is damaged or "
+                             "truncated (PIL.Image.open reads pixels only when they are first used)") from None
     if isinstance(x, np.ndarray): return _array_to_rgb(x)
     if isinstance(x, torch.Tensor):
         if x.ndim != 3 or x.shape[0] not in (1, 3, 4):
@@ -152,6 +156,9 @@ class SiglipImageProcessor:
             raise ValueError(f"image_mean must be finite and image_std finite and > 0; found {self.image_mean}, {self.image_std}")
         if not (math.isfinite(self.rescale_factor) and self.rescale_factor > 0):
             raise ValueError(f"rescale_factor must be a finite number > 0; found {self.rescale_factor}")
+        if isinstance(self.resample, bool) or self.resample not in [int(r) for r in Image.Resampling]:
+            raise ValueError(f"resample must be a PIL resampling filter, one of "
+                             f"{ {r.name: int(r) for r in Image.Resampling} } (3, bicubic, for SigLIP); found {self.resample!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SiglipImageProcessor":
@@ -187,7 +194,7 @@ class SiglipImageProcessor:
         if self.image_seq_length is None:
             raise ValueError("image_seq_length is not set; PaliGemmaProcessor needs it. Set it to the number of image "
                              "tokens, (image_size // patch_size) ** 2, e.g. 256 for 224 px and 14 px patches")
-        with StagedFolder(folder) as st:  # temporary name, then os.replace: never a half-written file
+        with StagedFolder(folder, manifest=True) as st:  # temporary name, then os.replace: never a half-written file
             st.write_text("preprocessor_config.json", self.to_json_string()); st.commit()
         return Path(folder) / "preprocessor_config.json"
 
@@ -195,6 +202,7 @@ class SiglipImageProcessor:
 
     def preprocess_one(self, image) -> torch.Tensor:
         "One image -> float32 (3, H, W) tensor."
+        if not self.do_convert_rgb and isinstance(image, (str, Path)): image = _open_path(Path(image))  # its mode decides
         if not self.do_convert_rgb and not _is_rgb(image):
             raise ValueError("do_convert_rgb=False needs RGB input (PIL mode 'RGB' or 3 channels); found "
                              f"{getattr(image, 'mode', None) or tuple(getattr(image, 'shape', ()))}. Set do_convert_rgb=True.")

@@ -37,8 +37,7 @@ _POSITIVE_INTS = {"": ("vocab_size", "projection_dim", "hidden_size"),
                   "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                     "num_channels", "image_size", "patch_size")}
 _POSITIVE_NUMBERS = {"": (), "vision_config": ("layer_norm_eps",),
-                     "text_config": ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
-                                     "final_logit_softcapping")}
+                     "text_config": ("rms_norm_eps", "rope_theta", "query_pre_attn_scalar")}  # caps: GemmaConfig (0 = off)
 
 def _check_values(d: dict, where: str = ""):
     "One-line errors for sizes that are not positive ints, scales that are not positive numbers, bad token ids."
@@ -206,6 +205,9 @@ def check_inputs(cfg: PaliGemmaConfig, input_ids, images_given: bool, past: int,
     B = input_ids.shape[0]
     for name, t in batched.items():
         if t is not None and t.shape[0] != B: raise ValueError(f"input_ids have batch {B} but {name} has batch {t.shape[0]}")
+        if t is not None and name != "attention_mask" and t.shape != input_ids.shape:  # a mask may also cover the cache
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected input_ids' shape {tuple(input_ids.shape)} "
+                             "(one value per token)")
     if batched.get("labels") is not None and batched.get("token_type_ids") is None:
         raise ValueError("training with labels needs token_type_ids (0 prefix, 1 suffix)")
     if past > 0 and not images_given: return  # a decode step may feed back the <image> id as an ordinary token
@@ -213,7 +215,8 @@ def check_inputs(cfg: PaliGemmaConfig, input_ids, images_given: bool, past: int,
     if has_image_tokens and not images_given:
         raise ValueError("input_ids contain <image> tokens but no pixel_values (or image_features) were given")
     if images_given and not has_image_tokens:
-        raise ValueError("pixel_values were given but input_ids contain no <image> token; build prompts with the processor")
+        raise ValueError(f"pixel_values were given but input_ids contain no <image> token (id {cfg.image_token_index}, the "
+                         "config's image_token_index); build prompts with the processor, whose tokenizer must use that id")
 
 # %% ../nbs/09_paligemma.ipynb #ae4d12d7
 class PaliGemmaForConditionalGeneration(nn.Module):

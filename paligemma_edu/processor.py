@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .core import StagedFolder, check_regular_file, read_json
+from .core import StagedFolder, read_json, reading, verified
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'LOC_TOKENS', 'SEG_TOKENS', 'SPECIAL_TOKENS', 'build_paligemma_tokenizer', 'PaliGemmaTokenizer',
@@ -94,7 +94,7 @@ class PaliGemmaTokenizer:
         folder = Path(folder)
         self.folder, self.added = folder, {}    # added: transformers' added tokens beyond tokenizer.model, text -> id
         if (folder / "tokenizer.json").exists():
-            path = check_regular_file(folder / "tokenizer.json", "tokenizer file")
+            path = verified(folder / "tokenizer.json", "tokenizer file")
             from tokenizers import Tokenizer
             try: self._tk = Tokenizer.from_file(str(path))
             except Exception as e:
@@ -104,7 +104,7 @@ class PaliGemmaTokenizer:
             self._piece_to_id, self._id_to_piece = self._tk.token_to_id, self._tk.id_to_token
             self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
         elif (folder / "tokenizer.model").exists():
-            path = check_regular_file(folder / "tokenizer.model", "tokenizer file")
+            path = verified(folder / "tokenizer.model", "tokenizer file")
             import sentencepiece as spm
             try: sp = spm.SentencePieceProcessor(model_file=str(path))
             except Exception as e:
@@ -162,6 +162,8 @@ class PaliGemmaTokenizer:
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         "Text of `ids`; with `skip_special_tokens` the pad/eos/bos/unk and `<image>` tokens are dropped (loc/seg are kept)."
         ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad: raise ValueError(f"cannot decode token id(s) {bad[:5]}: ids lie in [0, {self.vocab_size}) for this tokenizer")
         if skip_special_tokens: ids = [i for i in ids if i not in self.special_ids]
         if self.backend == "tokenizers": return self._tk.decode(ids, skip_special_tokens=False)
         # sentencepiece drops control tokens and writes <unk> as ' ⁇ ': decode runs of ordinary ids, specials by name
@@ -179,11 +181,21 @@ class ProcessorOutput(dict):
         try: return self[k]
         except KeyError: raise AttributeError(f"no field {k!r}; available: {sorted(self)}") from None
 
+def _check_text(t: str, what: str) -> str:
+    "`t` if it can be written as UTF-8 (a lone surrogate, e.g. from a bad decode, cannot)."
+    try: t.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} holds {t[e.start:e.end]!r} at character {e.start}, a lone surrogate that is not valid "
+                         "Unicode text; fix the string (e.g. decode its bytes with errors='replace')") from None
+    return t
+
 def _as_list(x, what: str) -> list:
-    "A str -> [str]; a list/tuple -> list."
-    if isinstance(x, str): return [x]
-    if isinstance(x, (list, tuple)) and all(isinstance(t, str) for t in x): return list(x)
-    raise TypeError(f"{what} must be a str or a list of str; found {type(x).__name__}")
+    "A str -> [str]; a list/tuple of str -> list; each valid Unicode."
+    if isinstance(x, str): return [_check_text(x, what)]
+    if not isinstance(x, (list, tuple)): raise TypeError(f"{what} must be a str or a list of str; found {type(x).__name__}")
+    bad = [(i, type(t).__name__) for i, t in enumerate(x) if not isinstance(t, str)]
+    if bad: raise TypeError(f"{what} must be a str or a list of str; {what}[{bad[0][0]}] is {bad[0][1]}")
+    return [_check_text(t, f"{what}[{i}]") for i, t in enumerate(x)]
 
 def _images_per_sample(images) -> list[list]:
     "One image, a list (one image per prompt) or a list of lists (several per prompt) -> list of lists."
@@ -263,11 +275,16 @@ class PaliGemmaProcessor:
         self.image_token, self.image_token_id = IMAGE_TOKEN, tokenizer.image_token_id
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **kwargs) -> "PaliGemmaProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike, padding_side: str = "left") -> "PaliGemmaProcessor":
         "Tokenizer files and preprocessor_config.json from a folder or Hub id; image_seq_length from there or config.json."
-        from paligemma_edu.images import SiglipImageProcessor
         from paligemma_edu.checkpoints import resolve_folder
         folder = resolve_folder(folder, allow_patterns=("*.json", "tokenizer.model"))  # the same paths as the model's
+        with reading(folder): return cls._from_folder(folder, padding_side)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, padding_side: str = "left") -> "PaliGemmaProcessor":
+        "The processor of a local folder (held still by `reading`)."
+        from paligemma_edu.images import SiglipImageProcessor
         ip = SiglipImageProcessor.from_pretrained(folder)
         seq = getattr(ip, "image_seq_length", None)
         if seq is None and (folder / "config.json").exists():  # only the vision part is needed here
@@ -281,7 +298,7 @@ class PaliGemmaProcessor:
         if seq is None:
             raise ValueError(f"cannot tell the number of image tokens: {str(folder)!r} has no image_seq_length in "
                              "preprocessor_config.json and no config.json with vision_config.image_size/patch_size")
-        return cls(ip, PaliGemmaTokenizer(folder), image_seq_length=seq, **kwargs)
+        return cls(ip, PaliGemmaTokenizer(folder), image_seq_length=seq, padding_side=padding_side)
 
     TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                        "added_tokens.json")
@@ -300,7 +317,7 @@ class PaliGemmaProcessor:
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         "Write the tokenizer files and preprocessor_config.json to `folder` atomically, removing stale tokenizer files."
         if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
-        with StagedFolder(folder) as st: st.commit(remove=self.stage_files(st))
+        with StagedFolder(folder, manifest=True) as st: st.commit(remove=self.stage_files(st))
         return Path(folder)
 
     def __call__(self, images=None, text: str | list[str] | None = None, suffix: str | list[str] | None = None,
@@ -311,13 +328,20 @@ class PaliGemmaProcessor:
         if text is None:
             raise ValueError("PaliGemmaProcessor needs a text prompt for each image (e.g. 'caption en'); found text=None")
         text, per_sample = _as_list(text, "text"), _images_per_sample(images)
+        if not text or not per_sample or not all(per_sample):
+            raise ValueError(f"received {len(per_sample)} images (or image lists, {sum(map(len, per_sample))} images) and "
+                             f"{len(text)} prompts: give at least one image and one prompt (an empty list asks for nothing)")
         if len(per_sample) != len(text):
             raise ValueError(f"received {len(per_sample)} images (or image lists) for {len(text)} prompts; "
                              "give one image per prompt")
         has_tokens = any(IMAGE_TOKEN in t for t in text)
         prompts = [_prompt_with_image_tokens(t, len(ims), has_tokens, self.image_seq_length) for t, ims in zip(text, per_sample)]
         seqs, types = _token_rows(self.tokenizer, prompts, None if suffix is None else _as_list(suffix, "suffix"))
-        keep = max(s.index(self.tokenizer.bos_token_id) + 1 for s in seqs)  # image tokens and <bos>: never cut
+        bos = self.tokenizer.bos_token_id
+        if any(bos not in s for s in seqs):
+            raise ValueError(f"the tokenizer did not write <bos> as id {bos} in the prompt: its files disagree on the special "
+                             f"token ids (tokenizer.json, tokenizer_config.json); rebuild the tokenizer or use a consistent one")
+        keep = max(s.index(bos) + 1 for s in seqs)  # image tokens and <bos>: never cut
         seqs, types = _truncate(seqs, types, max_length, truncation, self.image_seq_length, keep)
         length = _padded_length([len(s) for s in seqs], padding, max_length)
         side, mask = padding_side or self.padding_side, [[1] * len(s) for s in seqs]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import inspect
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import check_regular_file, pick_device, pick_dtype, read_json
+from .core import pick_device, pick_dtype, read_json, verified
 from .paligemma import PaliGemmaConfig
 from .checkpoints import HEAD, EMBED, CheckpointError, all_finite, check_state_dict, find_weight_files
 from .checkpoints import check_placement, empty_model, remap_state_dict
@@ -583,7 +584,12 @@ def read_header(path) -> dict:
 def _settings_from(quantize) -> dict | None:
     "Settings from from_pretrained's `quantize`: None, 'int8', 'int4', or a dict of `quantize` arguments."
     if quantize is None: return None
-    if isinstance(quantize, dict): return quantization_settings(**quantize)
+    if isinstance(quantize, dict):
+        known = set(inspect.signature(quantization_settings).parameters)
+        if set(quantize) - known:
+            raise ValueError(f"quantize has unknown key(s) {sorted(set(quantize) - known)}; expected keys among {sorted(known)} "
+                             "(or quantize='int8' / 'int4')")
+        return quantization_settings(**quantize)
     if quantize in ("int8", "int4"): return quantization_settings(bits=int(quantize[3:]))
     raise ValueError(f"quantize must be 'int8', 'int4' or None (or a dict of quantize() arguments), got {quantize!r}")
 
@@ -619,7 +625,7 @@ def _tensor_infos(folder) -> dict:
     files, weight_map = find_weight_files(folder)
     infos, origin = {}, {}
     for f in files:
-        for k, info in read_header(check_regular_file(f, "safetensors file")).items():
+        for k, info in read_header(verified(f, "safetensors file")).items():
             check_placement(k, f, origin, weight_map)
             infos[k], origin[k] = info, f
     return remap_state_dict(infos)
@@ -646,7 +652,7 @@ def from_pretrained_quantized(cls, folder, quantize=None, dtype=None, device=Non
     want = _settings_from(quantize)
     if saved and want and want != saved:
         raise ValueError(f"{folder} is already quantized ({saved}); it cannot be re-quantized to {want}: "
-                         "load it with quantize=None")
+                         "load it as it is (quantize=None; leave out --quantize on the command line)")
     settings = saved or want
     dtype, device = pick_dtype(dtype), pick_device(device)
     infos = _tensor_infos(folder)

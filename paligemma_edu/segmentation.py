@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoints import read_npz
 from .checkpoints import check_state_dict, read_safetensors
-from .core import StagedFolder, evaluating, model_device, pick_device, pick_dtype, read_json
+from .core import StagedFolder, evaluating, model_device, pick_device, pick_dtype, read_json, reading
 from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections
 from .processor import SEG_TOKENS
 from .shapes import Scene, mask_iou, object_masks, sample_scene
@@ -348,7 +348,7 @@ CODEC_CONFIG, CODEC_WEIGHTS = "mask_codec.json", "mask_codec.safetensors"
 def save_codec(codec: MaskCodec, folder, dtype=torch.bfloat16) -> Path:
     "Write `mask_codec.json` and `mask_codec.safetensors` (weights in `dtype`) to `folder`, renamed into place together."
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in codec.state_dict().items()}
-    with StagedFolder(folder) as staged:
+    with StagedFolder(folder, manifest=True) as staged:
         save_file(sd, str(staged.path(CODEC_WEIGHTS)), metadata={"format": "pt"})
         staged.write_text(CODEC_CONFIG, json.dumps({"model_type": "paligemma_edu_mask_codec", **asdict(codec.cfg)}, indent=2))
         staged.commit()
@@ -357,13 +357,12 @@ def save_codec(codec: MaskCodec, folder, dtype=torch.bfloat16) -> Path:
 def load_codec(folder, dtype=None, device=None) -> MaskCodec:
     "The `MaskCodec` that `save_codec` wrote to `folder`, loaded strictly (float32 by default)."
     cfg_file, weights = Path(folder) / CODEC_CONFIG, Path(folder) / CODEC_WEIGHTS
-    raw = read_json(cfg_file, "mask codec config")
+    with reading(folder): raw, sd = read_json(cfg_file, "mask codec config"), read_safetensors([weights])
     keys = {f.name for f in fields(MaskCodecConfig)}
     if raw.pop("model_type", None) != "paligemma_edu_mask_codec" or set(raw) != keys:
         raise ValueError(f"{str(cfg_file)!r} is not a mask codec config: expected model_type 'paligemma_edu_mask_codec' "
                          f"and the keys {sorted(keys)}, found {sorted(raw)}")
     codec = MaskCodec(MaskCodecConfig(**raw))
-    sd = read_safetensors([weights])  # regular file, each tensor once, finite
     try: check_state_dict({k: v.shape for k, v in codec.state_dict().items()}, sd)
     except ValueError as e: raise ValueError(f"{str(weights)!r}: {e}") from None
     codec.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

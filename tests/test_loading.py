@@ -43,6 +43,11 @@ def logits(m):
     with torch.no_grad(): return m(ids, pix).logits
 
 
+def copy_unchecked(src, dst):
+    "A copy of a folder without its manifest.json, as another program writes one: edits to it test the loaders' own checks."
+    shutil.copytree(src, dst); (dst / "manifest.json").unlink(missing_ok=True)
+
+
 def one_line(e): assert "\n" not in str(e.value), str(e.value); return str(e.value)
 
 
@@ -125,14 +130,14 @@ def test_shard_paths_that_escape_are_refused(saved, tmp_path, shard):
 
 
 def test_two_layouts_in_one_folder_are_refused(saved, tmp_path):
-    d = tmp_path / "both"; shutil.copytree(saved, d)
+    d = tmp_path / "both"; copy_unchecked(saved, d)
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
     with pytest.raises(ValueError, match="two layouts"): Model.from_pretrained(d)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_name_tensor_and_file(saved, tmp_path, bad):
-    d = tmp_path / "nan"; shutil.copytree(saved, d)
+    d = tmp_path / "nan"; copy_unchecked(saved, d)
     sd = load_file(d / "model.safetensors")
     k = "language_model.model.layers.1.mlp.up_proj.weight"
     sd[k][3, 4] = bad
@@ -170,7 +175,7 @@ def test_only_regular_files_are_read(saved, source, tmp_path, name, kind):
 
 
 def test_oversized_json_is_not_read(saved, tmp_path):
-    d = tmp_path / "big"; shutil.copytree(saved, d)
+    d = tmp_path / "big"; copy_unchecked(saved, d)
     with open(d / "config.json", "r+b") as f: f.truncate(100 * 2**20)  # sparse: costs no disk, would cost 100 MB to read
     with pytest.raises(ValueError, match="bytes; expected at most") as e: Model.from_pretrained(d)
     assert "config.json" in one_line(e)
@@ -226,7 +231,7 @@ BAD_CONFIGS = {
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_bad_config_one_line_naming_file(saved, tmp_path, case):
     content, expect = BAD_CONFIGS[case]
-    d = tmp_path / "cfg"; shutil.copytree(saved, d)
+    d = tmp_path / "cfg"; copy_unchecked(saved, d)
     (d / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ValueError) as e: Model.from_pretrained(d)
     msg = one_line(e)
@@ -243,7 +248,7 @@ def test_bad_config_one_line_naming_file(saved, tmp_path, case):
     ("tokenizer_config.json", '{"added_tokens_decoder": {"5": 7}}', "added_tokens_decoder must map"),
 ])
 def test_bad_processor_files_name_the_file(source, tmp_path, name, content, expect):
-    d = tmp_path / "p"; shutil.copytree(source[1], d)
+    d = tmp_path / "p"; copy_unchecked(source[1], d)
     if name in ("tokenizer.model", "tokenizer_config.json"): (d / "tokenizer.json").unlink()  # the slow path reads them
     (d / name).write_text(content)
     with pytest.raises(ValueError) as e: PaliGemmaProcessor.from_pretrained(d)

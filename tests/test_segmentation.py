@@ -259,7 +259,7 @@ def test_loader_is_strict(tiny_npz, tmp_path):
     np.savez(tmp_path / "obj.npz", **(arrays | {"decoder.12.bias": np.array([{"a": 1}], dtype=object)}))
     with pytest.raises(ValueError, match="could not read .*obj.npz"): load_big_vision_codec(tmp_path / "obj.npz")
     np.save(tmp_path / "one.npy", np.zeros(3))
-    with pytest.raises(ValueError, match="could not read .*one.npy"): load_big_vision_codec(tmp_path / "one.npy")
+    with pytest.raises(ValueError, match="one.npy' is not an .npz file"): load_big_vision_codec(tmp_path / "one.npy")
     with pytest.raises(FileNotFoundError, match="no .npz weights file at"): load_big_vision_codec(tmp_path / "none.npz")
     np.savez(tmp_path / "other.npz", weight=np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="is not a big_vision mask VQ-VAE"): load_big_vision_codec(tmp_path / "other.npz")
@@ -311,7 +311,7 @@ def test_train_codec_learns_and_stops_on_nan():
 def test_save_and_load_codec(tmp_path):
     codec = tiny_codec()
     folder = save_codec(codec, tmp_path / "c")
-    assert sorted(p.name for p in folder.iterdir()) == sorted([CODEC_CONFIG, CODEC_WEIGHTS])  # no temporary left
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CODEC_CONFIG, CODEC_WEIGHTS, "manifest.json"])  # no temporary
     assert stat.S_IMODE(os.stat(folder / CODEC_WEIGHTS).st_mode) & 0o044 == 0o044              # readable by others
     loaded = load_codec(folder)
     assert loaded.cfg == codec.cfg and next(loaded.parameters()).dtype == torch.float32
@@ -320,7 +320,8 @@ def test_save_and_load_codec(tmp_path):
     full = load_codec(save_codec(codec, tmp_path / "f32", dtype=torch.float32))
     codes = torch.randint(0, 128, (2, 16))
     torch.testing.assert_close(full.decode(codes), codec.decode(codes))
-    # strictness
+    # strictness (of files edited by hand: the manifest's checksums would refuse them first)
+    (folder / "manifest.json").unlink()
     cfg = json.loads((folder / CODEC_CONFIG).read_text())
     (folder / CODEC_CONFIG).write_text(json.dumps(cfg | {"depth": 3}))
     with pytest.raises(ValueError, match="is not a mask codec config"): load_codec(folder)
@@ -337,7 +338,8 @@ def test_train_mask_codec_writes_a_loadable_codec(tmp_path):
     codec, info = train_mask_codec(tmp_path / "c", recipe={"steps": 4, "n_scenes": 20, "warmup": 1}, n_eval_scenes=4,
                                    progress=False)
     assert torch.get_num_threads() == 2 and info["torch_threads"] == 1           # one thread inside, restored after
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([CODEC_CONFIG, CODEC_WEIGHTS, "mask_codec_history.json"])
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted([CODEC_CONFIG, CODEC_WEIGHTS, "mask_codec_history.json",
+                                                                 "manifest.json"])
     saved = json.loads((tmp_path / "c" / "mask_codec_history.json").read_text())
     assert set(saved["eval"]) == {"float32@64px", "float32@128px", "saved@64px", "saved@128px"}
     assert saved["weights_kib"] > 0 and saved["history"][-1]["step"] == 4 and saved["pasted"]["n"] > 0

@@ -97,7 +97,7 @@ def test_int4_prefill_takes_the_dense_path_and_matches_the_kernel():
 
 
 def test_bundled_model_greedy_tokens_unchanged_by_bfloat16_compute(bundled):
-    "Greedy answers of the quantized bundled model, float32 and bfloat16, equal those recorded before the layers computed in bfloat16."
+    "Greedy answers of the quantized bundled model (float32, bfloat16) equal those recorded before the bfloat16 compute."
     model, processor = bundled
     from paligemma_edu.train import held_out_set
     rec = json.loads((ROOT / "tests/fixtures/quant_tokens_before.json").read_text())

@@ -183,7 +183,8 @@ def table(results: list, bw: float) -> str:
             x = {k: q.get(f"{m}_{k}", float("nan")) for k in ("vs_eager", "vs_hf", "prefill_vs_eager")}
             rows.append(f"| {r['size']} | {r['dtype']} | {NAMES[m]} | {tok_s:.1f} | {x['vs_eager']:.2f} | {x['vs_hf']:.2f} | "
                         f"{frac} | {1e3 * statistics.median(r['prefill'][m]):.0f} | {x['prefill_vs_eager']:.2f} |")
-    return "\n".join(rows) + f"\n\nMemory bandwidth measured in the same process, same clock: {bw / 1e9:.1f} GB/s."
+    bws = sorted({f"{r.get('bandwidth_Bps', bw) / 1e9:.1f}" for r in results})
+    return "\n".join(rows) + f"\n\nMemory bandwidth measured in the same process, same clock: {' / '.join(bws)} GB/s."
 
 
 def write_report(out: Path, info: dict):
@@ -206,6 +207,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "quant_matrix"))
     ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
                     help="wall time, or this process's CPU time (with --threads 1: robust to other work on the machine)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the results already in --out, replacing those of the same size and dtype")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -223,12 +226,19 @@ def main(argv=None):
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), threads=a.threads, clock=a.clock,
                 new_tokens=a.new_tokens, rounds=a.rounds, machine=bench.machine(), bandwidth_Bps=bw, results=[],
                 configs={s: cfgs[s] for s in a.sizes.split(",")})
+    if a.append and (out / "quant_matrix.json").exists():
+        old = json.loads((out / "quant_matrix.json").read_text())
+        keep = {k: v for k, v in old.items() if k not in ("results", "earlier_runs", "table_md")}
+        info["earlier_runs"] = old.get("earlier_runs", []) + [keep]
+        info["configs"] = old["configs"] | info["configs"]
+        info["results"] = [r | {"bandwidth_Bps": r.get("bandwidth_Bps", old["bandwidth_Bps"])} for r in old["results"]]
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
             folder = write_model(cfgs[size], Path(tmp) / size)
             for dt in a.dtypes.split(","):
                 r = measure(size, cfgs[size], folder, dt, modes, a.rounds, a.new_tokens, bw)
-                info["results"].append(r)
+                r |= dict(bandwidth_Bps=bw, command=info["command"], date=info["date"])
+                info["results"] = [x for x in info["results"] if (x["size"], x["dtype"]) != (size, dt)] + [r]
                 print(size, dt, {m: round(statistics.median(v), 1) for m, v in r["decode"].items()},
                       {k: round(v, 2) for k, v in r["ratios"].items() if "vs_eager" in k}, flush=True)
                 write_report(out, info)  # after every configuration: a partial run leaves its results

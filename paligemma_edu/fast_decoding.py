@@ -244,9 +244,10 @@ def compile_cache_dir():
 
 def use_compile_cache():
     "Keep Inductor's on-disk caches in compile_cache_dir() (unless TORCHINDUCTOR_CACHE_DIR is set); returns the folder used."
-    torch._inductor.config.fx_graph_cache = True                    # the defaults, stated: graphs and AOT graphs cached
-    torch._functorch.config.enable_autograd_cache = True
-    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir())))
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir())))  # before Inductor loads:
+    torch._inductor.config.fx_graph_cache = True  # importing it fixes the folder. The defaults, stated: graphs and
+    torch._functorch.config.enable_autograd_cache = True                                       # AOT graphs cached
+    return folder
 
 # %% ../nbs/19_fast_decoding.ipynb #bc2d6b8f
 def plot_decode_times(groups: dict, ax=None):

@@ -243,11 +243,13 @@ def compile_cache_dir():
     return Path(root) / "inductor"
 
 def use_compile_cache():
-    "Keep Inductor's on-disk caches in compile_cache_dir() (unless TORCHINDUCTOR_CACHE_DIR is set); returns the folder used."
-    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir())))  # before Inductor loads:
-    torch._inductor.config.fx_graph_cache = True  # importing it fixes the folder. The defaults, stated: graphs and
-    torch._functorch.config.enable_autograd_cache = True                                       # AOT graphs cached
-    return folder
+    "Keep Inductor's on-disk caches in compile_cache_dir(), unless the user set TORCHINDUCTOR_CACHE_DIR; returns the folder."
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # here: Inductor is slow to import
+    torch._inductor.config.fx_graph_cache = True                  # the defaults, stated: graphs and AOT graphs cached
+    torch._functorch.config.enable_autograd_cache = True
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):  # unset, or torch's default filled in
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())        # (Inductor reads it at every use)
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 # %% ../nbs/19_fast_decoding.ipynb #bc2d6b8f
 def plot_decode_times(groups: dict, ax=None):

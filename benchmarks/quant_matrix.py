@@ -4,6 +4,7 @@
     python benchmarks/quant_matrix.py --out benchmarks/results          # the committed results (quant_matrix.json / .md)
     python benchmarks/quant_matrix.py --sizes tiny --rounds 1 --new-tokens 4 --modes hf,eager,int8,int4   # smoke test
     python benchmarks/quant_matrix.py --report-only --out benchmarks/results   # rewrite the table from the json
+    python benchmarks/quant_matrix.py --kernel-prefill --threads 1 --clock cpu  # one 3b MLP layer at 264 rows
 
 Sizes: tiny = the bundled model's shapes; mid = text 512 wide, MLP 2048, 6 layers (8 heads of 64, 1 kv head), vision
 4 x 256; 3b = three text layers of paligemma-3b's shapes (2048 wide, MLP 16384, 8 heads of 256, 1 kv head), vocabulary
@@ -196,6 +197,27 @@ def write_report(out: Path, info: dict):
     return out / "quant_matrix.md"
 
 
+def kernel_prefill(rows: int = 264, reps: int = 5) -> dict:
+    "One 16384 x 2048 layer (paligemma-3b's MLP) at prompt length, bfloat16: ms of CPU time per call, least of reps."
+    import torch
+    from paligemma_edu.quantization import QuantLinear, int4_matmul_dense
+    lin = torch.nn.Linear(2048, 16384, bias=False).bfloat16().requires_grad_(False)
+    q4, q8 = QuantLinear.from_linear(lin, 4), QuantLinear.from_linear(lin, 8)
+    x = torch.randn(rows, 2048).bfloat16()
+    calls = {"bfloat16 matmul": lambda: lin(x), "int8 layer": lambda: q8(x),
+             "int4 layer (unpacked, dense matmul)": lambda: int4_matmul_dense(x, q4.qweight, q4.scale_zero, 64),
+             "int4 kernel": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4.qweight, 64, q4.scale_zero)}
+    out = {}
+    with torch.inference_mode():
+        for name, f in calls.items():
+            f()
+            best = float("inf")
+            for _ in range(reps):
+                t0 = NOW(); f(); best = min(best, NOW() - t0)
+            out[name] = best * 1e3
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,mid,3b")
@@ -209,6 +231,7 @@ def main(argv=None):
                     help="wall time, or this process's CPU time (with --threads 1: robust to other work on the machine)")
     ap.add_argument("--append", action="store_true",
                     help="keep the results already in --out, replacing those of the same size and dtype")
+    ap.add_argument("--kernel-prefill", action="store_true", help="only time one 3b MLP layer at 264 rows, every format")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -218,6 +241,8 @@ def main(argv=None):
     NOW = CLOCKS[a.clock]
     if a.clock == "cpu" and a.threads != 1: ap.error("--clock cpu counts the CPU time of all threads: use --threads 1")
     bench._torch(a.threads)
+    if a.kernel_prefill:
+        print(json.dumps({k: round(v, 1) for k, v in kernel_prefill().items()})); return
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     modes = [m for m in a.modes.split(",") if m]
     if bad := set(modes) - set(MODES): ap.error(f"unknown modes {sorted(bad)}; expected some of {MODES}")

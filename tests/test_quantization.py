@@ -308,3 +308,20 @@ def test_fixed_shape_decoding_of_a_quantized_model(bundled, bits):
     args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], inputs["token_type_ids"])
     eager = q.generate(*args, max_new_tokens=12)
     assert torch.equal(q.generate(*args, max_new_tokens=12, compile="static"), eager)
+
+
+def test_quant_matrix_script_quick(tmp_path):
+    "The benchmark matrix runs end to end on tiny shapes and writes its table where --out says (never elsewhere)."
+    committed = ROOT / "benchmarks/results/quant_matrix/quant_matrix.json"
+    before = committed.read_bytes() if committed.exists() else None
+    r = subprocess.run([sys.executable, "benchmarks/quant_matrix.py", "--sizes", "tiny", "--dtypes", "float32", "--rounds", "1",
+                        "--new-tokens", "3", "--modes", "hf,eager,int8,int4", "--threads", "1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "quant_matrix.json").read_text())
+    (row,) = res["results"]
+    assert set(row["decode"]) == {"hf", "eager", "int8", "int4"} and all(v[0] > 0 for v in row["decode"].values())
+    assert row["step_bytes"]["int4"] < row["step_bytes"]["int8"] < row["step_bytes"]["eager"]
+    assert '| tiny | float32 | ours quantize="int4" |' in (tmp_path / "quant_matrix.md").read_text()
+    assert (committed.read_bytes() if committed.exists() else None) == before

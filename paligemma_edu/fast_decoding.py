@@ -4,7 +4,9 @@
 
 # %% ../nbs/19_fast_decoding.ipynb #86ddf8fb
 from __future__ import annotations
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,7 +19,8 @@ from .generate import decode_loop, next_token
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'FAST_MODES', 'CHECK_EVERY', 'profile_step', 'plot_step_breakdown', 'decode_bytes_per_step', 'SlotCache',
            'StaticDecodeStep', 'StaticDecoder', 'CUDAGraphStep', 'compile_reduce_overhead', 'resolve_mode',
-           'length_bucket', 'get_decoder', 'fast_generate', 'plot_decode_times']
+           'length_bucket', 'get_decoder', 'fast_generate', 'compile_cache_dir', 'use_compile_cache',
+           'plot_decode_times']
 
 # %% ../nbs/19_fast_decoding.ipynb #3b03130e
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
@@ -128,6 +131,7 @@ class StaticDecoder:
     def __init__(self, model, batch_size: int, max_len: int, mode: str = "static"):
         if mode not in FAST_MODES: raise ValueError(f"mode must be one of {FAST_MODES}; found {mode!r}")
         self.step, self.run = StaticDecodeStep(model, batch_size, max_len), None
+        if mode in ("inductor", "reduce-overhead"): use_compile_cache()
         if mode == "static": self.run = self.step
         elif mode == "inductor": self.run = torch.compile(self.step, fullgraph=True, dynamic=False)
         elif mode == "reduce-overhead": self.run = compile_reduce_overhead(self.step)
@@ -230,6 +234,22 @@ def fast_generate(model, input_ids, pixel_values=None, attention_mask=None, toke
     B, T = input_ids.shape
     dec = get_decoder(model, B, length_bucket(T + max_new_tokens, lm.cfg.max_position_embeddings), mode)
     return dec.generate(model, input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens, **loop_kwargs)
+
+# %% ../nbs/19_fast_decoding.ipynb #9a26948e
+def compile_cache_dir():
+    "Folder of the compile cache: $PALIGEMMA_EDU_CACHE/inductor, else paligemma_edu/inductor under $XDG_CACHE_HOME or ~/.cache."
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = os.environ.get("PALIGEMMA_EDU_CACHE") or user_cache / "paligemma_edu"
+    return Path(root) / "inductor"
+
+def use_compile_cache():
+    "Keep Inductor's on-disk caches in compile_cache_dir(), unless the user set TORCHINDUCTOR_CACHE_DIR; returns the folder."
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # here: Inductor is slow to import
+    torch._inductor.config.fx_graph_cache = True                  # the defaults, stated: graphs and AOT graphs cached
+    torch._functorch.config.enable_autograd_cache = True
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):  # unset, or torch's default filled in
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())        # (Inductor reads it at every use)
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 # %% ../nbs/19_fast_decoding.ipynb #bc2d6b8f
 def plot_decode_times(groups: dict, ax=None):

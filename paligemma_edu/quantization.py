@@ -22,13 +22,14 @@ from .checkpoints import HEAD, EMBED, CheckpointError, all_finite, check_state_d
 from .checkpoints import check_placement, empty_model, remap_state_dict
 
 # %% auto #0
-__all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'QUANT_METHOD', 'bits_per_weight', 'weight_counts', 'plot_weight_bytes',
-           'quantize_int8_per_tensor', 'quantize_int8', 'dequantize_int8', 'relative_error', 'quantize_int4_symmetric',
-           'quantize_int4', 'dequantize_int4', 'pack_nibbles', 'unpack_nibbles', 'fake_quantize', 'plot_rounding_error',
-           'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity', 'plot_sensitivity', 'int4_cpu_layout',
-           'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'int8_matmul', 'check_format', 'QuantLinear',
-           'QuantEmbedding', 'TiedHead', 'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize',
-           'model_bytes', 'TensorInfo', 'read_header', 'quantized_specs', 'from_pretrained_quantized']
+__all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'INT4_DENSE_M', 'QUANT_METHOD', 'bits_per_weight', 'weight_counts',
+           'plot_weight_bytes', 'quantize_int8_per_tensor', 'quantize_int8', 'dequantize_int8', 'relative_error',
+           'quantize_int4_symmetric', 'quantize_int4', 'dequantize_int4', 'pack_nibbles', 'unpack_nibbles',
+           'fake_quantize', 'plot_rounding_error', 'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity',
+           'plot_sensitivity', 'int4_cpu_layout', 'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'compute_dtype',
+           'int8_matmul', 'int4_matmul_dense', 'check_format', 'QuantLinear', 'QuantEmbedding', 'TiedHead',
+           'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize', 'model_bytes', 'TensorInfo',
+           'read_header', 'quantized_specs', 'from_pretrained_quantized']
 
 # %% ../nbs/20_quantization.ipynb #5ed97327
 FORMAT_BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}
@@ -239,7 +240,8 @@ def pack_int4_cuda(q):
     return torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous(), tiles)
 
 # %% ../nbs/20_quantization.ipynb #081cd5c1
-SMALL_M = 32           # up to this many rows of activations the kernels win; more rows: a float matmul on a dequantized slice
+SMALL_M = 32           # up to this many rows of activations the int8 kernel wins; more rows: a matmul on a dequantized slice
+INT4_DENSE_M = 64      # from this many rows the int4 layer unpacks its weight (in slices) and runs the dense bfloat16 matmul
 _WORKSPACE = {}        # (dtype, device) -> one reusable float buffer
 
 def _workspace(n: int, dtype, device):
@@ -249,6 +251,10 @@ def _workspace(n: int, dtype, device):
         with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
             _WORKSPACE[key] = torch.empty(n, dtype=dtype, device=device)
     return _WORKSPACE[key][:n]
+
+def compute_dtype(x, bits: int):
+    "The dtype a quantized layer computes in: bfloat16 on the CPU (both kernels' fast path) and for int4 anywhere; else x's."
+    return torch.bfloat16 if x.device.type == "cpu" or bits == 4 else x.dtype
 
 def int8_matmul(x, q, scale):
     "x (M, K) @ (q * scale[:, None]).T -> (M, N) in x's dtype, never materialising the float matrix whole."
@@ -260,6 +266,35 @@ def int8_matmul(x, q, scale):
         w = _workspace(min(rows, q.shape[0] - i) * q.shape[1], x.dtype, x.device).view(-1, q.shape[1])
         outs.append(x @ w.copy_(q[i:i + rows]).T)                                   # int8 -> float, then a float matmul
     return (outs[0] if len(outs) == 1 else torch.cat(outs, -1)) * scale.to(x.dtype)
+
+# %% ../nbs/20_quantization.ipynb #882ef645
+def _dequant_int4_t(codes, scale_zero, group_size: int):
+    "In place: bfloat16 codes (K, n) -> the weight's transpose, (q - 8) s + z with scale_zero (K/G, n, 2) in matching order."
+    s = scale_zero[..., 0].reshape(-1, 1, codes.shape[1]).contiguous()               # (K/G, 1, n); strided: 5x slower
+    wg = codes.view(-1, group_size, codes.shape[1])                                  # (K/G, G, n)
+    torch.addcmul(scale_zero[..., 1].reshape(-1, 1, codes.shape[1]) - 8 * s, wg, s, out=wg)
+    return codes
+
+def int4_matmul_dense(x, qweight, scale_zero, group_size: int, rows: int = 1024):
+    "x (M, Kp) bfloat16 @ the int4 layer's weight.T -> (M, Np): codes unpacked `rows` output rows at a time, dense matmul."
+    _, B = int4_cpu_layout()                                                         # a 'halves' layout: blocks of B rows
+    M, Kp, Np = x.shape[0], qweight.shape[1] * 2, qweight.shape[0]
+    y, full = torch.empty(M, Np, dtype=x.dtype, device=x.device), Np // B * B
+    for r0 in range(0, full, rows):
+        n = min(rows, full - r0)
+        nb = n // B
+        b = qweight[r0:r0 + n].view(nb, Kp, B // 2).transpose(0, 1)                  # (K, nb, B/2) bytes
+        w = _workspace(Kp * n, x.dtype, x.device).view(Kp, 2, nb, B // 2)           # (K, half, nb, B/2)
+        torch.bitwise_and(b, 15, out=w[:, 0]); torch.bitwise_right_shift(b, 4, out=w[:, 1])
+        sz = scale_zero[:, r0:r0 + n].view(-1, nb, 2, B // 2, 2).transpose(1, 2)   # (K/G, half, nb, B/2, 2)
+        w = _dequant_int4_t(w.view(Kp, n), sz.reshape(-1, n, 2), group_size)
+        yc = (x @ w).view(M, 2, nb, B // 2).transpose(1, 2)                          # (M, nb, half, B/2)
+        y[:, r0:r0 + n].view(M, nb, 2, B // 2).copy_(yc)                             # back in row order
+    if Np > full:  # the last, partial block is packed in pairs: row 2j low, 2j + 1 high
+        b = qweight[full:].reshape(Kp, (Np - full) // 2)                             # (K, rows/2)
+        w = torch.stack([b & 15, b >> 4], -1).reshape(Kp, Np - full).to(x.dtype)    # (K, rows)
+        y[:, full:] = x @ _dequant_int4_t(w, scale_zero[:, full:], group_size)
+    return y
 
 # %% ../nbs/20_quantization.ipynb #f4bd10a2
 def check_format(bits: int, group_size: int | None):
@@ -291,10 +326,10 @@ class _QuantLinearCompute(nn.Module):
         if bits == 8:
             self.register_buffer("qweight", torch.empty(N, K, dtype=torch.int8, device=device))
             self.register_buffer("scale", torch.empty(N, dtype=dtype, device=device))
-        else:  # padded to what the kernels accept: rows to a multiple of 16, inputs to whole groups
+        else:  # padded to what the kernels accept: rows to a multiple of 16, inputs to whole groups; scales in their dtype
             Np, Kp = _cdiv(N, 16) * 16, _cdiv(K, group_size) * group_size
             self.register_buffer("qweight", torch.empty(Np, Kp // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("scale_zero", torch.zeros(Kp // group_size, Np, 2, dtype=dtype, device=device))
+            self.register_buffer("scale_zero", torch.zeros(Kp // group_size, Np, 2, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(N, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
@@ -340,8 +375,10 @@ class _QuantLinearCompute(nn.Module):
         if self.bias is not None: y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _matmul(self, x):  # (M, K) -> (M, N)
-        return int8_matmul(x, self.qweight, self.scale) if self.bits == 8 else self._int4_matmul(x)
+    def _matmul(self, x):  # (M, K) -> (M, N), in x's dtype
+        xc = x.to(compute_dtype(x, self.bits))  # cast at the layer's edges: in here, the kernels' own dtype
+        y = int8_matmul(xc, self.qweight, self.scale) if self.bits == 8 else self._int4_matmul(xc)
+        return y.to(x.dtype)
 
     def grad_input(self, g):
         "g (M, N) @ W (N, K): the gradient w.r.t. the input, the weight dequantized ~4M weights at a time (never whole)."
@@ -368,20 +405,17 @@ class _QuantLinearCompute(nn.Module):
             out[:, i:i + len(rows)] = g @ self._matmul(rows).T                          # (M, N) @ (N, k)
         return out
 
-    def _int4_matmul(self, x):  # (M, K) -> (M, N)
-        if not x.is_cuda and x.dtype != self.scale_zero.dtype:  # e.g. bfloat16 activations under autocast: the layer's dtype
-            return self._int4_matmul(x.to(self.scale_zero.dtype)).to(x.dtype)
-        Kp = self.scale_zero.shape[0] * self.group_size
+    def _int4_matmul(self, x):  # (M, K) bfloat16 -> (M, N)
+        Kp, sz = self.scale_zero.shape[0] * self.group_size, self.scale_zero.to(torch.bfloat16)  # no copy unless .to() cast it
         if Kp != self.in_features: x = F.pad(x, (0, Kp - self.in_features))             # (M, Kp)
-        if x.is_cuda:  # the CUDA kernel computes in bfloat16
+        if x.is_cuda:
             if self.qweight.dim() != 4:
                 raise RuntimeError("this int4 layer is packed for the CPU: load or quantize the model on the GPU")
-            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
-                                                   self.scale_zero.to(torch.bfloat16)).to(x.dtype)
-        elif x.shape[0] <= SMALL_M or x.dtype != torch.float32:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scale_zero)
-        else:  # many float32 rows: the kernel is slow there, a float matmul on this one layer dequantized is not
-            y = x @ self.dequantize(padded=True).T
+            y = torch.ops.aten._weight_int4pack_mm(x, self.qweight, self.group_size, sz)
+        elif x.shape[0] >= INT4_DENSE_M and int4_cpu_layout()[0] == "halves":  # prefill: unpack once, dense matmul
+            y = int4_matmul_dense(x, self.qweight, sz, self.group_size)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, sz)
         return y[:, :self.out_features]
 
     def _codes_cpu(self, packed=None):

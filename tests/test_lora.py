@@ -14,7 +14,9 @@ from conftest import tiny_hf_paligemma
 from paligemma_edu.lora import (LORA_TARGETS, LoRALinear, add_lora, hf_module_name, is_adapter_folder, load_adapted,
                                 load_adapter, lora_layers, lora_state_dict, merge_lora, parameter_counts, save_adapter)
 from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-from paligemma_edu.quantization import QuantLinear, fake_quantize
+from paligemma_edu.quantization import QuantLinear
+
+BF16_U = 2.0 ** -8  # bfloat16's unit roundoff
 from paligemma_edu.bundled import bundled_model_path, load_bundled_model
 from paligemma_edu.train import held_out_set, make_batch
 
@@ -199,13 +201,16 @@ def test_adapter_round_trip_and_load_adapted(tmp_path):
 def test_quant_linear_gradient_wrt_input(K, N):
     lin = torch.nn.Linear(K, N)
     for bits in (8, 4):
-        ql, ref_w = QuantLinear.from_linear(lin, bits), fake_quantize(lin.weight.detach(), bits)
+        ql = QuantLinear.from_linear(lin, bits)
+        ref_w = ql.dequantize()  # the float matrix the integers stand for
         for M in (1, 40):
             x, g = torch.randn(M, K, requires_grad=True), torch.randn(M, N)
             (ql(x) * g).sum().backward()
             torch.testing.assert_close(x.grad, g @ ref_w, rtol=1e-5, atol=1e-4)
-            # the path CUDA-packed int4 layers take (they cannot be unpacked), run here with the CPU kernels
-            torch.testing.assert_close(ql._grad_input_by_kernel(g), g @ ref_w, rtol=1e-5, atol=1e-4)
+            # the path CUDA-packed int4 layers take (they cannot be unpacked), run here with the CPU kernels, which
+            # compute in bfloat16: each weight they return is rounded to bfloat16 once
+            err = (ql._grad_input_by_kernel(g) - g @ ref_w).abs()
+            assert (err <= 2 * BF16_U * (g.abs() @ ref_w.abs()) + 1e-5).all()
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -36,22 +36,85 @@ def saved(bundled, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------------- layers
+U = 2 ** -8  # bfloat16's unit roundoff
+
+
+def bf16_bound(x, w, ref):
+    "Bound on |error| of x @ w.T computed in bfloat16: x, scales, weights and output each rounded once, f32 sums."
+    return 3 * U * (x.float().abs() @ w.abs().T) + 2 * U * ref.abs()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("N, K", [(100, 269), (64, 192), (48, 4304)])
+@pytest.mark.parametrize("N, K", [(100, 269), (64, 192), (48, 4304), (2096, 320)])
 def test_quant_linear_matches_dequantized_reference(bits, N, K):
+    "Quantized layers compute in bfloat16 on the CPU, for float32 activations too: within bfloat16's bound of the reference."
     torch.manual_seed(N + K)
     lin = nn.Linear(K, N)
     q = QuantLinear.from_linear(lin, bits)
-    ref_w = fake_quantize(lin.weight.detach(), bits)  # quantize -> dequantize, plainly
-    torch.testing.assert_close(q.dequantize(), ref_w)
-    for M in (1, 3, 40):  # the kernels (few rows) and the dequantized float matmul (many)
-        x = torch.randn(2, M, K)
-        torch.testing.assert_close(q(x), x @ ref_w.T + lin.bias, rtol=1e-5, atol=1e-5)
+    ref_w = fake_quantize(lin.weight.detach(), bits)  # quantize -> dequantize, plainly (float32 scales)
+    if bits == 8: torch.testing.assert_close(q.dequantize(), ref_w)
+    else:  # int4 scales and zeros are kept in bfloat16: a weight moves by at most u (8 s + |z|)
+        sz = q.scale_zero[:, :N].float().repeat_interleave(64, 0)[:K].transpose(0, 1)   # (N, K, 2)
+        assert ((q.dequantize() - ref_w).abs() <= U * (8 * sz[..., 0] + sz[..., 1].abs())).all()
     qb = QuantLinear.from_linear(copy.deepcopy(lin).bfloat16(), bits)
-    for M in (1, 40):
-        x = torch.randn(M, K).bfloat16()
-        ref = x.float() @ qb.dequantize().T + qb.bias.float()
-        torch.testing.assert_close(qb(x).float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    for layer, dtype in ((q, torch.float32), (qb, torch.bfloat16)):
+        w = layer.dequantize()
+        for M in (1, 3, 40, 70):  # the kernels (few rows), int8 dequantized slices and int4 unpacked (many)
+            x = torch.randn(2, M, K).to(dtype)
+            ref = x.float() @ w.T + layer.bias.float()
+            y = layer(x)
+            assert y.dtype == dtype and y.shape == (2, M, N)
+            err = (y.float() - ref).abs()
+            assert (err <= bf16_bound(x, w, ref)).all(), (dtype, M, (err / bf16_bound(x, w, ref)).max())
+
+
+def test_float32_activations_take_the_bfloat16_kernels():
+    "What a float32 call runs: the input cast to bfloat16, the bfloat16 kernel, the output cast back; nothing else converted."
+    from torch.profiler import profile
+    lin = nn.Linear(512, 256)
+    for bits, kernel in ((8, "aten::_weight_int8pack_mm"), (4, "aten::_weight_int4pack_mm_for_cpu")):
+        layer = QuantLinear.from_linear(lin, bits)
+        with torch.no_grad(), profile() as prof: layer(torch.randn(1, 512))
+        ops = {e.key: e.count for e in prof.key_averages()}
+        assert ops.get(kernel) == 1, ops
+        assert ops.get("aten::_to_copy") == 2 + (bits == 8), ops  # x and y; int8: its (N,) float32 scales too
+        assert layer.qweight.dtype in (torch.int8, torch.uint8)
+
+
+def test_int4_prefill_takes_the_dense_path_and_matches_the_kernel():
+    from paligemma_edu.quantization import INT4_DENSE_M, int4_cpu_layout
+    from torch.profiler import profile
+    if int4_cpu_layout()[0] != "halves": pytest.skip("this CPU's int4 layout keeps the kernel for every row count")
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(320, 2096).bfloat16(), 4)  # 32 blocks of 64 rows and a partial one
+    x = torch.randn(INT4_DENSE_M, 320).bfloat16()
+    with torch.no_grad(), profile() as prof: dense = layer(x)
+    assert "aten::_weight_int4pack_mm_for_cpu" not in {e.key for e in prof.key_averages()}
+    kernel = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])  # one row at a time: the kernel
+    w = layer.dequantize()
+    ref = x.float() @ w.T + layer.bias.float()
+    for y in (dense, kernel): assert ((y.float() - ref).abs() <= bf16_bound(x, w, ref)).all()
+
+
+def test_bundled_model_greedy_tokens_unchanged_by_bfloat16_compute(bundled):
+    "Greedy answers of the quantized bundled model (float32, bfloat16) equal those recorded before the bfloat16 compute."
+    model, processor = bundled
+    from paligemma_edu.train import held_out_set
+    rec = json.loads((ROOT / "tests/fixtures/quant_tokens_before.json").read_text())
+    items = held_out_set(4, seed=77)
+    inputs = processor(images=[it["image"] for it in items], text=[it["prompt"] for it in items])
+    args = [inputs[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")]
+    until_eos = lambda r: r[:r.index(1) + 1] if 1 in r else r  # noqa: E731  (tokens after the answer's end are noise)
+    floor = 20 if torch.backends.cpu.get_cpu_capability() == rec["cpu_capability"] else 18  # other CPUs round differently
+    for dtype in (torch.float32, torch.bfloat16):
+        m = copy.deepcopy(model).to(dtype)
+        for bits in (8, 4):
+            q = quantize(copy.deepcopy(m), bits)
+            a = [t.to(dtype) if t.is_floating_point() else t for t in args]
+            got = q.generate(*a, max_new_tokens=16, eos_token_id=[])[:, args[0].shape[1]:].tolist()
+            ref = rec["tokens"][f"{str(dtype)[6:]}-int{bits}"]
+            same = sum(until_eos(g) == until_eos(r) for g, r in zip(got, ref))
+            assert same >= floor, (dtype, bits, same)
 
 
 def test_int4_codes_are_the_min_max_codes():
@@ -245,3 +308,20 @@ def test_fixed_shape_decoding_of_a_quantized_model(bundled, bits):
     args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], inputs["token_type_ids"])
     eager = q.generate(*args, max_new_tokens=12)
     assert torch.equal(q.generate(*args, max_new_tokens=12, compile="static"), eager)
+
+
+def test_quant_matrix_script_quick(tmp_path):
+    "The benchmark matrix runs end to end on tiny shapes and writes its table where --out says (never elsewhere)."
+    committed = ROOT / "benchmarks/results/quant_matrix/quant_matrix.json"
+    before = committed.read_bytes() if committed.exists() else None
+    r = subprocess.run([sys.executable, "benchmarks/quant_matrix.py", "--sizes", "tiny", "--dtypes", "float32", "--rounds", "1",
+                        "--new-tokens", "3", "--modes", "hf,eager,int8,int4", "--threads", "1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "quant_matrix.json").read_text())
+    (row,) = res["results"]
+    assert set(row["decode"]) == {"hf", "eager", "int8", "int4"} and all(v[0] > 0 for v in row["decode"].values())
+    assert row["step_bytes"]["int4"] < row["step_bytes"]["int8"] < row["step_bytes"]["eager"]
+    assert '| tiny | float32 | ours quantize="int4" |' in (tmp_path / "quant_matrix.md").read_text()
+    assert (committed.read_bytes() if committed.exists() else None) == before

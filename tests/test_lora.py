@@ -15,11 +15,10 @@ from paligemma_edu.lora import (LORA_TARGETS, LoRALinear, add_lora, hf_module_na
                                 load_adapter, lora_layers, lora_state_dict, merge_lora, parameter_counts, save_adapter)
 from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
 from paligemma_edu.quantization import QuantLinear
-
-BF16_U = 2.0 ** -8  # bfloat16's unit roundoff
 from paligemma_edu.bundled import bundled_model_path, load_bundled_model
 from paligemma_edu.train import held_out_set, make_batch
 
+BF16_U = 2.0 ** -8  # bfloat16's unit roundoff
 IMG, N = 299, 16  # <image> id and (28 / 7) ** 2 image tokens of the tiny config
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside peft, about transformers' API
 

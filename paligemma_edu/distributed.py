@@ -8,6 +8,8 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from .finetune import (CHECKPOINT_JSON, FinetuneSettings, OneProcess, _rng_state
 
 # %% auto #0
 __all__ = ['DCP_FORMAT', 'TRAINABLE', 'launched_by_torchrun', 'pick_backend', 'shard_model', 'save_sharded', 'read_sharded_meta',
-           'load_sharded', 'FSDPRun', 'finetune_distributed']
+           'load_sharded', 'Health', 'FSDPRun', 'finetune_distributed']
 
 # %% ../nbs/26_distributed.ipynb #0265d574
 def launched_by_torchrun() -> bool:
@@ -124,6 +126,57 @@ def load_sharded(folder, model, opt, record: dict) -> dict:
     _set_rng_json(meta["rng"])
     return meta
 
+# %% ../nbs/26_distributed.ipynb #c42e7544
+class Health:
+    """Each process's heartbeat (a thread, every `every` s) and micro-batch count in torchrun's key-value store, which
+    outlives the workers: after a failed collective, `diagnose` names the ranks that died or fell behind."""
+    def __init__(self, rank: int, world: int, every: float = 1.0):
+        self.rank, self.world, self.every, self.micro = rank, world, every, 0
+        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                               timeout=timedelta(seconds=10))
+        self.store = dist.PrefixStore(f"paligemma_edu/health/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/", client)
+        self._stop = threading.Event()
+        self.store.set(f"progress/{rank}", "0")
+        self._beat()
+        threading.Thread(target=self._beating, daemon=True).start()
+
+    def _beat(self): self.store.set(f"beat/{self.rank}", repr(time.time()))
+    def _beating(self):
+        while not self._stop.wait(self.every):
+            try: self._beat()
+            except Exception: return                             # the store went away: the job is ending
+
+    def progress(self):
+        "Count one more micro-batch of this process."
+        self.micro += 1
+        self.store.set(f"progress/{self.rank}", str(self.micro))
+
+    def _read(self) -> tuple:
+        "({rank: seconds since its heartbeat}, {rank: micro-batches done}) from the store."
+        beat, done = {}, {}
+        for r in range(self.world):
+            if self.store.check([f"beat/{r}"]): beat[r] = time.time() - float(self.store.get(f"beat/{r}").decode())
+            if self.store.check([f"progress/{r}"]): done[r] = int(self.store.get(f"progress/{r}").decode())
+        return beat, done
+
+    def diagnose(self, wait: float = 3.0) -> str:
+        """'rank R stopped (no heartbeat for S s)' for each dead rank (watched for up to `wait` s, as a rank killed just
+        now has a fresh heartbeat), else 'rank R is alive but behind (...)' for each lagging one; '' when all look well."""
+        stale, deadline = 2.5 * self.every, time.time() + wait
+        try:
+            while True:
+                beat, done = self._read()
+                dead = [r for r in range(self.world) if beat.get(r, float("inf")) > stale]
+                if dead or time.time() > deadline: break
+                time.sleep(0.25)
+        except Exception as e: return f"the job's store cannot be read ({e})"
+        if dead: return "; ".join(f"rank {r} stopped (no heartbeat for {beat.get(r, float('inf')):.0f} s)" for r in dead)
+        top = max(done.values(), default=0)
+        return "; ".join(f"rank {r} is alive but behind (micro-batch {done.get(r, 0)}; the others at {top})"
+                         for r in range(self.world) if done.get(r, 0) < top)
+
+    def stop(self): self._stop.set()
+
 # %% ../nbs/26_distributed.ipynb #c75ad875
 class FSDPRun(OneProcess):
     "`finetune` across torchrun's processes: FSDP2 shards the model, each process a slice of every batch, DCP checkpoints."
@@ -141,6 +194,11 @@ class FSDPRun(OneProcess):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mesh = init_device_mesh(self.device.type, (self.world,))
         self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        self.health = Health(self.rank, self.world)             # heartbeats and progress, to name a failed rank
+
+    def diagnose(self) -> str:
+        "Which ranks stopped or fell behind, from `Health` (empty when all look well)."
+        return self.health.diagnose()
 
     def prepare(self, model):
         "The model sharded by `shard_model`."
@@ -148,6 +206,7 @@ class FSDPRun(OneProcess):
 
     def mean_loss(self, loss):
         "The value: the loss averaged over the processes; the gradient: this process's (FSDP averages the gradients)."
+        self.health.progress()
         total = loss.detach().clone()
         dist.all_reduce(total)
         return loss + (total / self.world - loss.detach())
@@ -172,6 +231,7 @@ class FSDPRun(OneProcess):
 
     def close(self):
         "Leave the process group."
+        self.health.stop()
         if dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/26_distributed.ipynb #5f653449
@@ -183,9 +243,11 @@ def finetune_distributed(settings: FinetuneSettings, out, resume: bool = False, 
     s = dataclasses.replace(settings, device=str(run.device))
     try:
         return finetune(s, out, resume=resume, overwrite=overwrite, progress=progress, parallel=run)
-    except dist.DistError as e:
-        raise RuntimeError(f"rank {run.rank} of {run.world}: a collective failed, so another process died or did not "
-                           f"answer within the {run.timeout:g} s timeout (torchrun's summary names the failed rank); "
-                           f"the last complete checkpoint stays in {out}, continue with --resume ({e})") from e
+    except RuntimeError as e:                                    # collectives fail as RuntimeError (DistError among them)
+        failed = run.diagnose()
+        if not failed: raise
+        raise RuntimeError(f"rank {run.rank} of {run.world}: the run stopped because {failed}; a collective waited at "
+                           f"most {run.timeout:g} s (--dist-timeout). The last complete checkpoint stays in {out}: "
+                           f"continue with --resume ({' '.join(str(e).split())[:200]})") from e
     finally:
         run.close()

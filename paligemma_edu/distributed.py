@@ -26,7 +26,8 @@ from .finetune import (CHECKPOINT_JSON, FinetuneSettings, OneProcess, _rng_state
 
 # %% auto #0
 __all__ = ['DCP_FORMAT', 'TRAINABLE', 'launched_by_torchrun', 'pick_backend', 'shard_model', 'save_sharded', 'read_sharded_meta',
-           'load_sharded', 'Health', 'FSDPRun', 'finetune_distributed']
+           'load_sharded', 'Health', 'FSDPRun', 'finetune_distributed', 'fsdp_groups', 'fsdp_memory', 'fsdp_traffic',
+           'plot_memory_per_gpu']
 
 # %% ../nbs/26_distributed.ipynb #0265d574
 def launched_by_torchrun() -> bool:
@@ -251,3 +252,42 @@ def finetune_distributed(settings: FinetuneSettings, out, resume: bool = False, 
                            f"continue with --resume ({' '.join(str(e).split())[:200]})") from e
     finally:
         run.close()
+
+# %% ../nbs/26_distributed.ipynb #02c56b26
+def fsdp_groups(model) -> dict:
+    """Parameter counts as `shard_model` groups them: 'total', 'root' (embeddings, projector, final norms: what no
+    layer holds), 'layer' (the largest layer) and 'layers' (how many)."""
+    layers = [*model.vision_tower.encoder.layers, *model.language_model.model.layers]
+    count = lambda ps: sum(p.numel() for p in {id(p): p for p in ps}.values())
+    total, sizes = count(model.parameters()), [count(layer.parameters()) for layer in layers]
+    return dict(total=total, root=total - sum(sizes), layer=max(sizes), layers=len(layers))
+
+def fsdp_memory(groups: dict, n: int, compute_bytes: int = 2) -> dict:
+    """Bytes per process of full fine-tuning with AdamW, batch aside: on 1 process no sharding (fp32 weights, gradients,
+    two moments: 16 bytes a parameter); on `n` > 1 those 16 bytes / n, plus the gathered working set of FSDP2 (the root
+    kept gathered from forward to backward, two layers in flight, full gradients before their reduce-scatter)."""
+    P, root, layer = groups["total"], groups["root"], groups["layer"]
+    if n == 1: return dict(sharded=16 * P, gathered=0, total=16 * P)
+    grad = compute_bytes + 4 if compute_bytes != 4 else 4    # a bf16 gradient is cast to fp32 for the reduction
+    gathered = compute_bytes * (root + 2 * layer) + grad * max(root, layer)
+    return dict(sharded=16 * P / n, gathered=gathered, total=16 * P / n + gathered)
+
+def fsdp_traffic(groups: dict, n: int, compute_bytes: int = 2) -> float:
+    """Bytes each process receives per micro-batch (ring collectives move (n-1)/n of a tensor): every parameter
+    all-gathered for the forward, the layers again for the backward (the root stays gathered), every gradient
+    reduce-scattered in fp32."""
+    P, root = groups["total"], groups["root"]
+    return (compute_bytes * P + compute_bytes * (P - root) + 4 * P) * (n - 1) / n
+
+# %% ../nbs/26_distributed.ipynb #2d773ce4
+def plot_memory_per_gpu(sizes: dict, gpus=(1, 2, 4, 8), budgets=(80, 141), ax=None):
+    "Per-GPU memory of full fine-tuning (`fsdp_memory`, activations aside) against the number of GPUs; returns the axes."
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(4.5, 2.8), dpi=75)
+    for name, g in sizes.items():
+        ax.plot(gpus, [fsdp_memory(g, n)["total"] / 1e9 for n in gpus], "o-", ms=3, lw=1, label=name)
+    for b in budgets: ax.axhline(b, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2); ax.set_yscale("log"); ax.set_xticks(gpus, [str(n) for n in gpus])
+    ax.set_xlabel("GPUs"); ax.set_ylabel("GB per GPU (weights, grads, AdamW)")
+    ax.legend(fontsize=8); ax.grid(alpha=0.3)
+    return ax

@@ -7,7 +7,8 @@ Each run is its own torchrun job (`--standalone`, one thread a process, glibc's 
 freed tensors leave the resident set). Per process: the resident memory after imports and the processor (the baseline),
 then the peak (VmHWM) while the model is built, sharded and trained, minus that baseline; beside it the prediction of
 `distributed.fsdp_memory` (fp32, no mixed precision on CPU) for the same parameter groups. The mid config is the
-issue's: text hidden 512, 6 layers (vision 256 wide, 6 layers); wide doubles the text width. Results: benchmarks/results/distributed.json.
+issue's: text hidden 512, 6 layers (vision 256 wide, 6 layers); wide doubles the text width.
+Results: benchmarks/results/distributed.json.
 """
 from __future__ import annotations
 import argparse

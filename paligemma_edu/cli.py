@@ -339,5 +339,6 @@ def main(argv=None) -> int:
     return 0
 
 # %% ../nbs/22_cli.ipynb #c7d1e0a2
+#| eval: false
 if __name__ == "__main__" and "ipykernel" not in sys.modules:  # python -m paligemma_edu.cli (as torchrun starts it)
     sys.exit(main())

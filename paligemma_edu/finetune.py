@@ -304,6 +304,10 @@ def load_checkpoint(folder, model, opt, record: dict) -> dict:
     settings match `record`; returns the checkpoint's JSON (step, history, data position)."""
     folder = Path(folder)
     meta = read_json(folder / CHECKPOINT_JSON, "checkpoint file")
+    if meta.get("format") == "paligemma_edu_distributed_checkpoint":
+        raise ValueError(f"{str(folder)!r} holds a sharded checkpoint written by {meta.get('processes')} processes under "
+                         "torchrun; resume it under torchrun, on any number of processes (torchrun --standalone "
+                         "--nproc-per-node 1 -m paligemma_edu.cli finetune ... --resume)")
     if meta.get("format") != "paligemma_edu_finetune_checkpoint":
         raise ValueError(f"{str(folder / CHECKPOINT_JSON)!r} is not a fine-tuning checkpoint")
     diff = settings_differences(meta["settings"], record)

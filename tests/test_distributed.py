@@ -141,3 +141,13 @@ def test_one_process_checkpoint_needs_no_torchrun(tmp_path):
     (tmp_path / "checkpoint.json").write_text(json.dumps({"format": "paligemma_edu_finetune_checkpoint"}))
     with pytest.raises(ValueError, match="one-process checkpoint; resume it without torchrun"):
         read_sharded_meta(tmp_path)
+
+
+def test_sharded_checkpoint_resumes_only_under_torchrun(tmp_path, data, tiny_base):  # noqa: F811
+    "A plain (one-process) resume of a sharded checkpoint says how to resume it instead."
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "checkpoint.json").write_text(json.dumps({"format": "paligemma_edu_distributed_checkpoint",
+                                                                         "processes": 2}))
+    s = FinetuneSettings(train=str(data / "train.jsonl"), model=str(tiny_base), steps=2, batch_size=2, workers=0)
+    with pytest.raises(ValueError, match="sharded checkpoint written by 2 processes under torchrun; resume it under torchrun"):
+        finetune(s, tmp_path, resume=True, progress=False)

@@ -1,4 +1,4 @@
-"Fine-tuning on 2 processes (torchrun, gloo, FSDP2) against 1: the same losses and weights, sharded resume, a killed rank."
+"Fine-tuning on 2 processes (torchrun, gloo, FSDP2) against 1: the same losses and weights, sharded resume, a failed rank."
 import json
 import os
 import re
@@ -44,7 +44,7 @@ def _args(jsonl_folder, base, out, method):
     args = ["finetune", "--model", str(base), "--train", str(jsonl_folder / "train.jsonl"), "--out", str(out),
             "--steps", str(STEPS),
             "--batch-size", str(BATCH), "--grad-accum", str(ACCUM), "--lr", str(LR), "--workers", "0", "--save-every", "2"]
-    return args + (["--lora", "2", "--lora-alpha", "4"] if method == "lora" else [])
+    return args + {"lora": ["--lora", "2", "--lora-alpha", "4"], "freeze-vision": ["--freeze", "vision"]}.get(method, [])
 
 
 def torchrun(tmp_path, n: int, args: list, fault: str | None = None, timeout: float = 240) -> tuple:
@@ -62,7 +62,7 @@ def torchrun(tmp_path, n: int, args: list, fault: str | None = None, timeout: fl
 def one_process(tmp_path_factory, data, tiny_base):  # noqa: F811
     "The same runs in this one process, without torchrun: {method: output folder}."
     outs = {}
-    for method in ("full", "lora"):
+    for method in ("full", "lora", "freeze-vision"):
         out = tmp_path_factory.mktemp(f"one-{method}")
         finetune(FinetuneSettings(train=str(data / "train.jsonl"), model=str(tiny_base), method=method, lora_rank=2,
                                   lora_alpha=4.0, steps=STEPS, batch_size=BATCH, grad_accum=ACCUM, lr=LR, workers=0),
@@ -81,7 +81,7 @@ def _same(a: Path, b: Path, name: str, atol: float = 1e-5):
     assert max((ta[k] - tb[k]).abs().max().item() for k in ta) <= atol
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "freeze-vision"])
 def test_two_processes_equal_one(tmp_path, data, tiny_base, one_process, bundled, method):  # noqa: F811
     "2 processes x 2 examples = 1 process x 4: the same loss curve and final weights; the gathered folder loads."
     out = tmp_path / "two"
@@ -91,6 +91,10 @@ def test_two_processes_equal_one(tmp_path, data, tiny_base, one_process, bundled
     name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     _same(one_process[method], out, name)
     trained = load_file(out / name)
+    if method == "freeze-vision":                          # frozen weights are sharded too, and come back unchanged
+        base = load_file(tiny_base / "model.safetensors")
+        assert all(torch.equal(trained[k], base[k].float()) for k in trained if k.startswith("vision_tower."))
+        return
     if method == "lora":
         assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
         assert all("lora_" in k for k in trained)

@@ -198,7 +198,12 @@ def cmd_finetune(args):
                          grad_accum=args.grad_accum, seed=args.seed, dtype=args.dtype, autocast=args.autocast,
                          gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
                          device=args.device, save_every=args.save_every, workers=args.workers, print_every=args.print_every)
-    res = finetune(s, args.out, resume=args.resume, overwrite=args.overwrite)
+    import os
+    from paligemma_edu.distributed import finetune_distributed, launched_by_torchrun
+    if launched_by_torchrun():  # one of N processes: FSDP2 shards, the batch split (nccl on GPUs, gloo on CPUs)
+        res = finetune_distributed(s, args.out, resume=args.resume, overwrite=args.overwrite, timeout=args.dist_timeout)
+        if int(os.environ["RANK"]) != 0: return res                # rank 0 alone reports
+    else: res = finetune(s, args.out, resume=args.resume, overwrite=args.overwrite)
     kind = "LoRA adapter" if s.method == "lora" else "model"
     quant = f" --quantize {s.quantize}" if s.quantize else ""  # a QLoRA adapter was trained on the quantized base
     print(f"{kind} written to {args.out} ({res['trainable_params']:,} of {res['total_params']:,} parameters trained, "
@@ -245,6 +250,8 @@ def _add_finetune_parser(sub, common):
     f.add_argument("--print-every", type=int, default=10, metavar="N", help="a progress line every N steps "
                    "when not on a terminal")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--dist-timeout", type=float, default=600.0, metavar="S", help="under torchrun: seconds a collective "
+                   "waits for the other processes before the run stops with an error (default 600)")
     f.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     f.add_argument("--dtype", default=None, help="weights' dtype: float32 (default) or bfloat16")
     f.add_argument("--device", default=None, help="cpu (default), cuda, or auto")
@@ -333,3 +340,8 @@ def main(argv=None) -> int:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
     return 0
+
+# %% ../nbs/22_cli.ipynb #c7d1e0a2
+#| eval: false
+if __name__ == "__main__" and "ipykernel" not in sys.modules:  # python -m paligemma_edu.cli (as torchrun starts it)
+    sys.exit(main())

@@ -37,7 +37,7 @@ __all__ = ['JSONL_FIELDS', 'METHODS', 'DEFAULT_LR', 'RUN_ONLY', 'CHECKPOINT', 'C
            'read_jsonl', 'JsonlDataset', 'epoch_order', 'EpochBatches', 'default_workers', 'make_loader',
            'set_trainable', 'FinetuneSettings', 'check_settings', 'total_steps', 'file_digest', 'run_record',
            'settings_differences', 'save_checkpoint', 'load_checkpoint', 'perplexity', 'predict', 'score_predictions',
-           'load_base', 'check_out', 'enable_gradient_checkpointing', 'write_results', 'finetune']
+           'load_base', 'check_out', 'enable_gradient_checkpointing', 'write_results', 'OneProcess', 'finetune']
 
 # %% ../nbs/24_finetune.ipynb #40a1c7fa
 JSONL_FIELDS = ("image", "prefix", "suffix")
@@ -90,8 +90,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 class EpochBatches(torch.utils.data.Sampler):
     "Micro-batches `start`, `start+1`, ... `stop-1` of indices: the examples in `epoch_order`, one epoch after another."
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, stop: int | None = None):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, stop: int | None = None, rank: int = 0,
+                 world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"the batch size ({batch_size}) must be a multiple of the number of processes ({world}): "
+                             "each process takes an equal slice of every micro-batch")
         self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.rank, self.world = rank, world                # this process's slice of each micro-batch
         self._epoch, self._order = None, None
 
     def position(self, micro: int) -> dict:
@@ -99,12 +104,13 @@ class EpochBatches(torch.utils.data.Sampler):
         return dict(epoch=micro * self.batch_size // self.n, offset=micro * self.batch_size % self.n)
 
     def batch(self, micro: int) -> list:
-        "The example indices of micro-batch `micro`."
+        "The example indices of micro-batch `micro` (with `world` processes, slice `rank` of `world` equal slices)."
         out = []
         for k in range(micro * self.batch_size, (micro + 1) * self.batch_size):
             if k // self.n != self._epoch: self._epoch, self._order = k // self.n, epoch_order(self.n, self.seed, k // self.n)
             out.append(int(self._order[k % self.n]))
-        return out
+        per = self.batch_size // self.world
+        return out[self.rank * per:(self.rank + 1) * per]
 
     def __iter__(self):
         m = self.start
@@ -120,12 +126,12 @@ def default_workers() -> int:
     return max(0, min(2, (os.cpu_count() or 1) - 1))
 
 def make_loader(records: list, processor, batch_size: int, seed: int, start: int = 0, stop: int | None = None,
-                num_workers: int | None = None) -> torch.utils.data.DataLoader:
+                num_workers: int | None = None, rank: int = 0, world: int = 1) -> torch.utils.data.DataLoader:
     "A DataLoader of processor batches (labels on the suffix) for micro-batches `start`.. of `EpochBatches`."
     workers = default_workers() if num_workers is None else num_workers
     if workers < 0: raise ValueError(f"num_workers must be >= 0; found {workers}")
     return torch.utils.data.DataLoader(JsonlDataset(records), batch_sampler=EpochBatches(len(records), batch_size, seed,
-                                       start, stop), collate_fn=functools.partial(make_batch, processor),
+                                       start, stop, rank, world), collate_fn=functools.partial(make_batch, processor),
                                        num_workers=workers, generator=torch.Generator())  # leaves torch's global RNG alone
 
 # %% ../nbs/24_finetune.ipynb #60d6e733
@@ -298,6 +304,10 @@ def load_checkpoint(folder, model, opt, record: dict) -> dict:
     settings match `record`; returns the checkpoint's JSON (step, history, data position)."""
     folder = Path(folder)
     meta = read_json(folder / CHECKPOINT_JSON, "checkpoint file")
+    if meta.get("format") == "paligemma_edu_distributed_checkpoint":
+        raise ValueError(f"{str(folder)!r} holds a sharded checkpoint written by {meta.get('processes')} processes under "
+                         "torchrun; resume it under torchrun, on any number of processes (torchrun --standalone "
+                         "--nproc-per-node 1 -m paligemma_edu.cli finetune ... --resume)")
     if meta.get("format") != "paligemma_edu_finetune_checkpoint":
         raise ValueError(f"{str(folder / CHECKPOINT_JSON)!r} is not a fine-tuning checkpoint")
     diff = settings_differences(meta["settings"], record)
@@ -451,9 +461,27 @@ def write_results(out, model, processor, s: FinetuneSettings, base: Path, summar
         st.commit(remove=stale)
     return out
 
-def finetune(settings: FinetuneSettings, out, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+class OneProcess:
+    "How `finetune` spreads a run over processes: all of it in this one (`distributed.FSDPRun` shards it over many)."
+    rank, world = 0, 1
+    def prepare(self, model): "The model as it trains."; return model
+    def mean_loss(self, loss): "The loss as logged: the mean over every process's slice of the micro-batch."; return loss
+    def save_checkpoint(self, folder, model, opt, step: int, record: dict, history: list, data: dict) -> Path:
+        "Write the resume checkpoint (`save_checkpoint`)."
+        return save_checkpoint(folder, model, opt, step, record, history, data)
+    def load_checkpoint(self, folder, model, opt, record: dict) -> dict:
+        "Restore the resume checkpoint (`load_checkpoint`)."
+        return load_checkpoint(folder, model, opt, record)
+    def gathered(self, model, s: FinetuneSettings):
+        "The trained model, whole, in the process that writes the results (None in the others)."
+        return model
+
+def finetune(settings: FinetuneSettings, out, resume: bool = False, overwrite: bool = False, progress: bool = True,
+             parallel=None) -> dict:
     """Fine-tune a PaliGemma on a JSONL data set into `out` (checkpoints every `save_every` steps; `resume` continues
-    from the last one); returns the summary written to history.json."""
+    from the last one) in this process, or across processes with `parallel` (a `distributed.FSDPRun`); returns the
+    summary written to history.json."""
+    par = OneProcess() if parallel is None else parallel
     s = check_settings(_resolved(settings))
     out = check_out(out, resume, overwrite)
     train_records = read_jsonl(s.train)                          # every line checked before any work
@@ -463,12 +491,14 @@ def finetune(settings: FinetuneSettings, out, resume: bool = False, overwrite: b
     model, processor, base = load_base(s)
     trainable = set_trainable(model, s.method, s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_targets)
     if s.gradient_checkpointing: enable_gradient_checkpointing(model)
+    n_trainable, n_total = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable)), count_params(model)
+    model = par.prepare(model)                                   # sharded across the processes by FSDPRun
     steps, lr = total_steps(s, len(train_records)), s.lr or DEFAULT_LR.get(s.method, 1e-5)
     opt = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=lr, betas=(0.9, 0.999))
     evaluate = (lambda: perplexity(model, processor, val_records, s.batch_size)) if val_records else None
-    if overwrite and ckpt.is_dir(): shutil.rmtree(ckpt)          # an old run's checkpoint is never resumed into this one
+    if overwrite and ckpt.is_dir() and par.rank == 0: shutil.rmtree(ckpt)  # an old run's checkpoint is never resumed
     if resume:
-        meta = load_checkpoint(ckpt, model, opt, record)
+        meta = par.load_checkpoint(ckpt, model, opt, record)
         history, start, before = meta["history"], meta["step"], meta["data"]["before"]
         if meta["data"]["micro_batch"] != start * s.grad_accum:
             raise ValueError(f"checkpoint {str(ckpt)!r} is inconsistent: step {start} but micro-batch "
@@ -476,32 +506,34 @@ def finetune(settings: FinetuneSettings, out, resume: bool = False, overwrite: b
     else:
         history, start, before = [], 0, evaluate() if evaluate else {}
     loader = make_loader(train_records, processor, s.batch_size, s.seed, start * s.grad_accum, steps * s.grad_accum,
-                         s.workers)
+                         s.workers, par.rank, par.world)
     batches, order, dev = iter(loader), loader.batch_sampler, model_device(model)
 
     def loss_fn(micro: int):
         batch = {k: v.to(dev) for k, v in next(batches).items()}   # micro-batches arrive in order, from `start` on
         labels = batch.pop("labels")
-        return answer_loss(model(**batch).logits, labels, per="example")
+        return par.mean_loss(answer_loss(model(**batch).logits, labels, per="example"))
 
     def on_step(step: int, hist: list):
         if s.save_every and (step % s.save_every == 0 or step == steps):
             data = order.position(step * s.grad_accum) | dict(micro_batch=step * s.grad_accum, before=before)
-            save_checkpoint(ckpt, model, opt, step, record, hist, data)
+            par.save_checkpoint(ckpt, model, opt, step, record, hist, data)
 
     model.train()
     history = fit(opt, loss_fn, steps, lr, round(s.warmup_percent * steps), s.clip, autocast=s.autocast, log_every=1,
-                  evaluate=evaluate, eval_every=s.eval_every or steps, progress=progress, desc="finetune",
+                  evaluate=evaluate, eval_every=s.eval_every or steps, progress=progress and par.rank == 0, desc="finetune",
                   grad_accum=s.grad_accum, start_step=start, history=history, on_step=on_step,
                   print_every=s.print_every, examples_per_step=s.batch_size * s.grad_accum, min_lr_ratio=0.0)
     model.eval()
+    model = par.gathered(model, s)                               # None in the processes that write nothing
     predictions, final = None, {}
-    if val_records:
+    if val_records and model is not None:
         predictions = predict(model, processor, val_records, s.batch_size, s.max_new_tokens)
         codec = load_codec(base) if (base / CODEC_CONFIG).is_file() else None
         final = {k: history[-1][k] for k in ("eval_loss", "perplexity")} | score_predictions(val_records, predictions, codec)
-    summary = dict(settings=record, steps=steps, lr=lr, trainable_params=sum(p.numel() for n, p in model.named_parameters()
-                   if n in set(trainable)), total_params=count_params(model), before=before, final=final)
-    write_results(out, model, processor, s, base, summary, history, val_records, predictions)
-    shutil.rmtree(ckpt, ignore_errors=True)                       # the run is complete: nothing left to resume
+    summary = dict(settings=record, steps=steps, lr=lr, trainable_params=n_trainable, total_params=n_total, before=before,
+                   final=final)
+    if model is not None:
+        write_results(out, model, processor, s, base, summary, history, val_records, predictions)
+        shutil.rmtree(ckpt, ignore_errors=True)                   # the run is complete: nothing left to resume
     return summary | {"log": history}

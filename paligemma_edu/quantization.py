@@ -267,6 +267,16 @@ def check_format(bits: int, group_size: int | None):
     if bits == 4 and group_size not in (32, 64, 128, 256):
         raise ValueError(f"group_size must be 32, 64, 128 or 256 (what the int4 kernels support), got {group_size!r}")
 
+class _QuantMatmul(torch.autograd.Function):
+    "x @ W.T through a quantized layer's kernels, differentiable in x (the kernels have no backward; the integers need none)."
+    @staticmethod
+    def forward(ctx, x, layer):  # (M, K) -> (M, N)
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, g): return ctx.layer.grad_input(g), None  # (M, N) -> (M, K)
+
 class _QuantLinearCompute(nn.Module):
     "The storage and arithmetic of `QuantLinear`: int8 rows (scale per row) or int4 groups (scale, zero per group)."
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 64,
@@ -325,9 +335,39 @@ class _QuantLinearCompute(nn.Module):
 
     def forward(self, x):  # (..., K) -> (..., N)
         x2 = x.reshape(-1, self.in_features)                                           # (M, K)
-        y = int8_matmul(x2, self.qweight, self.scale) if self.bits == 8 else self._int4_matmul(x2)
+        y = _QuantMatmul.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self._matmul(x2)
         if self.bias is not None: y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x):  # (M, K) -> (M, N)
+        return int8_matmul(x, self.qweight, self.scale) if self.bits == 8 else self._int4_matmul(x)
+
+    def grad_input(self, g):
+        "g (M, N) @ W (N, K): the gradient w.r.t. the input, the weight dequantized ~4M weights at a time (never whole)."
+        if self.bits == 4 and self.qweight.dim() == 4: return self._grad_input_cuda_int4(g)
+        N, K = self.out_features, self.in_features
+        out, step = g.new_zeros(g.shape[0], K), max(64, (1 << 22) // K // 64 * 64)  # row blocks start at multiples of 64
+        for i in range(0, N, step):
+            j = min(i + step, N)
+            out += g[:, i:j] @ self._weight_rows(i, j).to(g.dtype)                     # (M, n) @ (n, K)
+        return out
+
+    def _weight_rows(self, i: int, j: int):
+        "Rows i..j of the float32 weight (i a multiple of 64: int4 rows are packed in blocks of at most 64)."
+        if self.bits == 8: return dequantize_int8(self.qweight[i:j], self.scale[i:j])
+        end = self.qweight.shape[0] if j == self.out_features else j                    # the padded rows close the last block
+        sz = self.scale_zero[:, i:end].transpose(0, 1)                                  # (n, Kp/G, 2)
+        w = dequantize_int4(self._codes_cpu(self.qweight[i:end]), sz[..., 0], sz[..., 1], self.group_size)
+        return w[:j - i, :self.in_features]
+
+    def _grad_input_cuda_int4(self, g):  # (M, N) -> (M, K): the kernel on identity rows gives W.T a block at a time
+        Kp = self.scale_zero.shape[0] * self.group_size
+        sz, out = self.scale_zero.to(torch.bfloat16), g.new_zeros(g.shape[0], self.in_features)
+        eye = torch.eye(Kp, dtype=torch.bfloat16, device=g.device)
+        for i in range(0, self.in_features, 1024):
+            wt = torch.ops.aten._weight_int4pack_mm(eye[i:i + 1024], self.qweight, self.group_size, sz)  # (k, Np)
+            out[:, i:i + 1024] = g @ wt[:min(1024, self.in_features - i), :self.out_features].T.to(g.dtype)
+        return out
 
     def _int4_matmul(self, x):  # (M, K) -> (M, N)
         Kp = self.scale_zero.shape[0] * self.group_size
@@ -343,10 +383,10 @@ class _QuantLinearCompute(nn.Module):
             y = x @ self.dequantize(padded=True).T
         return y[:, :self.out_features]
 
-    def _codes_cpu(self):
+    def _codes_cpu(self, packed=None):
         if self.qweight.device.type != "cpu":
             raise NotImplementedError("int4 layers packed for CUDA cannot be read back; quantize (and save) on the CPU")
-        return unpack_int4_cpu(self.qweight)
+        return unpack_int4_cpu(self.qweight if packed is None else packed)
 
     def dequantize(self, padded: bool = False):
         "The float32 weight (N, K) these integers stand for (the reference: it materialises the whole layer)."

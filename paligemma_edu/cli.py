@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FIGURE_TYPES', 'DEMO_TASKS', 'cmd_generate', 'cmd_demo', 'cmd_train', 'cmd_evaluate', 'build_parser', 'main']
+__all__ = ['FIGURE_TYPES', 'DEMO_TASKS', 'cmd_generate', 'cmd_demo', 'cmd_train', 'cmd_evaluate', 'cmd_finetune', 'build_parser',
+           'main']
 
 # %% ../nbs/22_cli.ipynb #9fedaa5f
 def _model_folder(model_dir) -> Path:
@@ -20,10 +21,12 @@ def _model_folder(model_dir) -> Path:
     return Path(model_dir) if model_dir is not None else bundled_model_path()
 
 def _load(model_dir, device=None, dtype=None, quantize=None):
-    "Model and processor from a checkpoint folder (the bundled one when None), optionally quantized while loading."
+    "Model and processor from a checkpoint or LoRA adapter folder (the bundled model when None), optionally quantized."
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
     from paligemma_edu.processor import PaliGemmaProcessor
+    from paligemma_edu.lora import is_adapter_folder, load_adapted
     folder = _model_folder(model_dir)
+    if is_adapter_folder(folder): return load_adapted(folder, dtype=dtype, device=device, quantize=quantize)  # base + adapter
     model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device=device, quantize=quantize)
     return model, PaliGemmaProcessor.from_pretrained(folder)
 
@@ -164,6 +167,86 @@ def cmd_evaluate(args):
     print(json.dumps(res["metrics"], indent=1))
     return res
 
+# %% ../nbs/22_cli.ipynb #5b0e9d1f
+def _finetune_method(args) -> str:
+    "The training method of --lora / --freeze / --attention-only (at most one kind), 'full' when none is given."
+    freeze = sorted(set(args.freeze or []))
+    given = [f for f, on in (("--lora", args.lora is not None), ("--freeze", bool(freeze)),
+                             ("--attention-only", args.attention_only)) if on]
+    if len(given) > 1: raise ValueError(f"{' and '.join(given)} choose different things to train; give one of them")
+    if args.lora is not None: return "lora"
+    if args.attention_only: return "attention-only"
+    return {(): "full", ("vision",): "freeze-vision", ("llm",): "freeze-llm", ("llm", "vision"): "projector-only"}[tuple(freeze)]
+
+def cmd_finetune(args):
+    "Fine-tune a checkpoint (the bundled model by default) on a JSONL data set into --out; the last line is the result."
+    import json
+    import torch
+    from paligemma_edu.finetune import FinetuneSettings, finetune
+    if args.steps is None and args.epochs is None: raise ValueError("give the length of the run: --steps N or --epochs N")
+    if args.steps is not None and args.epochs is not None: raise ValueError("give --steps or --epochs, not both")
+    if args.model is not None: _model_folder(args.model)  # an empty --model is an error, not the bundled model
+    if args.threads: torch.set_num_threads(args.threads)
+    rank = args.lora if args.lora is not None else 8
+    s = FinetuneSettings(train=args.train, model=args.model, val=args.val, method=_finetune_method(args), lora_rank=rank,
+                         lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * rank,
+                         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
+                         quantize=args.quantize, steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, seed=args.seed, dtype=args.dtype, autocast=args.autocast,
+                         gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+                         device=args.device, save_every=args.save_every, workers=args.workers, print_every=args.print_every)
+    res = finetune(s, args.out, resume=args.resume, overwrite=args.overwrite)
+    kind = "LoRA adapter" if s.method == "lora" else "model"
+    print(f"{kind} written to {args.out} ({res['trainable_params']:,} of {res['total_params']:,} parameters trained, "
+          f"{res['steps']} steps); try: paligemma-edu generate --model {args.out} --image IMAGE --prompt PROMPT")
+    print(json.dumps(dict(before=res["before"], final=res["final"])))
+    return res
+
+def _add_finetune_parser(sub, common):
+    "The `finetune` command's arguments."
+    f = sub.add_parser("finetune", parents=[common],
+                       help="fine-tune a checkpoint on your JSONL data (full, frozen parts, LoRA, QLoRA)",
+                       description='Fine-tune on a JSONL file, one {"image": path, "prefix": prompt, "suffix": answer} '
+                                   "object a line (image paths relative to the file). Writes the model (or the LoRA "
+                                   "adapter), history.json, loss.png and predictions.jsonl (with --val) into --out.")
+    f.add_argument("--model", help="base checkpoint folder in HF layout (default: the bundled shapes model)")
+    f.add_argument("--train", required=True, metavar="JSONL", help="training examples")
+    f.add_argument("--val", metavar="JSONL", help="validation examples: perplexity while training, predictions "
+                   "and scores at the end")
+    f.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite or --resume)")
+    f.add_argument("--lora", type=_positive_int, metavar="R", help="train LoRA adapters of rank R instead of the weights")
+    f.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale numerator (default 2 R)")
+    f.add_argument("--lora-dropout", type=float, default=0.0)
+    f.add_argument("--lora-targets", metavar="NAMES", help="comma-separated module names (default: q/k/v/o and "
+                   "gate/up/down projections)")
+    f.add_argument("--quantize", choices=["int8", "int4"], help="quantize the frozen base while loading (QLoRA; needs --lora)")
+    f.add_argument("--freeze", action="append", choices=["vision", "llm"], help="freeze the vision tower or the "
+                   "language model (repeat for both: the projector alone trains)")
+    f.add_argument("--attention-only", action="store_true", help="train only the language model's attention weights")
+    f.add_argument("--steps", type=_positive_int, help="optimizer steps")
+    f.add_argument("--epochs", type=float, help="passes over the training set (instead of --steps)")
+    f.add_argument("--lr", type=float, help="peak learning rate (default 1e-5, big_vision's; 2e-4 with --lora)")
+    f.add_argument("--batch-size", type=_positive_int, default=8, help="examples per micro-batch")
+    f.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the "
+                   "backward pass (less memory)")
+    f.add_argument("--autocast", action="store_true", help="bfloat16 autocast (float32 weights, bfloat16 matrix products)")
+    f.add_argument("--eval-every", type=int, default=0, metavar="N", help="validation perplexity every N "
+                   "steps (default: start and end)")
+    f.add_argument("--save-every", type=int, default=0, metavar="N", help="write a checkpoint every N "
+                   "steps, for --resume (default: none)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same settings)")
+    f.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
+    f.add_argument("--workers", type=int, default=None, help="data-loading processes (default: up to 2; 0: none)")
+    f.add_argument("--print-every", type=int, default=10, metavar="N", help="a progress line every N steps "
+                   "when not on a terminal")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    f.add_argument("--dtype", default=None, help="weights' dtype: float32 (default) or bfloat16")
+    f.add_argument("--device", default=None, help="cpu (default), cuda, or auto")
+    f.set_defaults(func=cmd_finetune)
+    return f
+
 # %% ../nbs/22_cli.ipynb #d5c4d220
 def _positive_int(text: str) -> int:
     "argparse type: an integer >= 1."
@@ -229,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_positive_int, default=500, help="held-out scenes per task")
     e.add_argument("--save", action="store_true", help="also write the metrics to MODEL/eval.json")
     e.set_defaults(func=cmd_evaluate)
+    _add_finetune_parser(sub, common)
     return p
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@
 # %% ../nbs/14_train.ipynb #b080dfbb
 from __future__ import annotations
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -113,37 +114,60 @@ def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_mult: fl
             for (dec, where), ps in sorted(groups.items())]
 
 # %% ../nbs/14_train.ipynb #c1135cda
+def _eta(seconds: float) -> str:
+    "Seconds as h:mm:ss."
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
 def fit(opt, loss_fn, steps: int, lr: float, warmup: int = 100, clip: float = 1.0, params=None, autocast: bool = False,
         log_every: int = 10, evaluate=None, eval_every: int = 200, on_log=None, progress: bool = True,
-        desc: str = "train") -> list:
-    "The one optimisation loop: schedule, `loss_fn(step)`, finite check, backward, clip `params`, step, log; returns the log."
+        desc: str = "train", grad_accum: int = 1, start_step: int = 0, history: list | None = None, on_step=None,
+        print_every: int = 0, examples_per_step: int | None = None, min_lr_ratio: float = 0.05) -> list:
+    """The one optimisation loop: schedule, `loss_fn(micro_step)` for each of `grad_accum` micro-batches, finite check,
+    backward, clip `params`, step, log, `on_step(step, history)`; continues `history` from `start_step`; returns the log."""
     if steps < 1: raise ValueError(f"steps must be >= 1; found {steps}")
+    if grad_accum < 1: raise ValueError(f"grad_accum must be >= 1; found {grad_accum}")
+    if not 0 <= start_step <= steps: raise ValueError(f"start_step must lie in [0, {steps}]; found {start_step}")
     params = list(params) if params is not None else [p for g in opt.param_groups for p in g["params"]]
     device_type = params[0].device.type
-    history, t0, window = [], time.perf_counter(), []
-    bar = tqdm(range(steps), desc=desc, disable=None if progress else True)
+    history = [] if history is None else history
+    t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)  # a resumed run's clock goes on
+    t_start, window, printed = time.perf_counter(), [], []
+    bar = tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, disable=None if progress else True)
     for step in bar:
-        for g in opt.param_groups: g["lr"] = lr_at(step, lr, warmup, steps) * g.get("lr_mult", 1.0)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):  # fp32 weights, bf16 matmuls
-            loss = loss_fn(step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc} diverged: the loss is {loss.item()} at step {step + 1} (lr {lr}); "
-                                     "try a lower learning rate, a longer warm-up or autocast=False")
+        for g in opt.param_groups: g["lr"] = lr_at(step, lr, warmup, steps, min_lr_ratio) * g.get("lr_mult", 1.0)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses = []
+        for k in range(grad_accum):                  # micro-batches: their gradients add up before the one step
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):  # fp32 weights, bf16 matmuls
+                loss = loss_fn(step * grad_accum + k)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc} diverged: the loss is {loss.item()} at step {step + 1} (lr {lr}); "
+                                         "try a lower learning rate, a longer warm-up or autocast=False")
+            (loss if grad_accum == 1 else loss / grad_accum).backward()  # the step's loss: the micro-batches' mean
+            losses.append(loss.item())
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
-        window.append(loss.item())
+        window.append(losses[0] if grad_accum == 1 else float(np.mean(losses))); printed.append(window[-1])
         last = step == steps - 1
+        if print_every and bar.disable and progress and ((step + 1) % print_every == 0 or last):
+            done, spent = step + 1 - start_step, time.perf_counter() - t_start   # a plain line when not on a terminal
+            rate = f" {examples_per_step * done / spent:.1f} ex/s" if examples_per_step else ""
+            print(f"{desc} step {step + 1}/{steps} loss {np.mean(printed):.4f}{rate} ETA "
+                  f"{_eta(spent / done * (steps - step - 1))}", file=sys.stderr, flush=True)
+            printed = []
         evaluate_now = evaluate is not None and ((step + 1) % eval_every == 0 or last)
-        if (step + 1) % log_every and not last and not evaluate_now: continue
-        rec = dict(step=step + 1, loss=float(np.mean(window)), lr=lr_at(step, lr, warmup, steps), grad_norm=float(gnorm),
-                   time=time.perf_counter() - t0)
-        metrics = evaluate() if evaluate_now else {}
-        history.append(rec | metrics)
-        window = []
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", **{k: f"{v:.3f}" for k, v in list(metrics.items())[:1]})
-        if on_log is not None: on_log(history[-1])
+        if (step + 1) % log_every == 0 or last or evaluate_now:
+            rec = dict(step=step + 1, loss=float(np.mean(window)), lr=lr_at(step, lr, warmup, steps, min_lr_ratio),
+                       grad_norm=float(gnorm), time=time.perf_counter() - t0)
+            metrics = evaluate() if evaluate_now else {}
+            history.append(rec | metrics)
+            window = []
+            rate = {"ex/s": f"{examples_per_step * (step + 1 - start_step) / (time.perf_counter() - t_start):.1f}"
+                    } if examples_per_step else {}
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", **rate, **{k: f"{v:.3f}" for k, v in list(metrics.items())[:1]})
+            if on_log is not None: on_log(history[-1])
+        if on_step is not None: on_step(step + 1, history)
     return history
 
 # %% ../nbs/14_train.ipynb #28ff00f9

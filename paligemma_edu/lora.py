@@ -51,8 +51,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):  # (..., K) -> (..., N)
         y = self.base(x)
-        z = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling  # (..., r) -> (..., N)
-        return (y + z).to(y.dtype)  # summed in the wider dtype, returned in the base's
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))                  # (..., r)
+        if h.dtype != y.dtype: return (y + self.lora_B(h) * self.scaling).to(y.dtype)     # summed in float32, cast back
+        y2 = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), self.lora_B.weight.T, alpha=self.scaling)
+        return y2.view(y.shape)                                                             # y + s h B^T in one op: (M, N)
 
     def delta_weight(self):
         "The update (alpha / r) B A as a float32 (N, K) matrix."
@@ -236,6 +238,7 @@ _PLAIN_LORA = {"bias": "none", "use_dora": False, "use_rslora": False, "fan_in_f
                "use_qalora": False}                                             # field: the only value read
 _UNSET = ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save", "target_parameters",
           "trainable_token_indices", "alora_invocation_tokens", "layer_replication", "use_bdlora")  # must be empty
+_CHANGES_BASE = ("pissa", "olora", "corda", "loftq")                              # initialisations that rewrite W too
 
 def read_adapter_config(folder) -> dict:
     "The checked settings of a peft LoRA folder's adapter_config.json: r, lora_alpha, lora_dropout, target_modules, base."
@@ -250,9 +253,13 @@ def read_adapter_config(folder) -> dict:
                target_modules=d["target_modules"], base_model_name_or_path=d.get("base_model_name_or_path"))
     try: check_lora_settings(out["r"], out["lora_alpha"], out["lora_dropout"], out["target_modules"])
     except ValueError as e: raise ValueError(f"{path}: {e}") from None
-    other = [f"{k}={d[k]!r}" for k, v in _PLAIN_LORA.items() if k in d and d[k] != v]
+    other = [f"{k}={d[k]!r}" for k, v in _PLAIN_LORA.items() if d.get(k) not in (v, None)]
     other += [f"{k}={d[k]!r}" for k in _UNSET if d.get(k)]
     if other: raise ValueError(f"{path}: {other} is not plain LoRA; only plain LoRA adapters can be loaded here")
+    if str(d.get("init_lora_weights")).lower().startswith(_CHANGES_BASE):
+        raise ValueError(f"{path}: init_lora_weights={d['init_lora_weights']!r} changed the base weights when the adapter was "
+                         "made, so it only fits that changed base; convert it to plain LoRA with peft (save_pretrained's "
+                         "path_initial_model_for_weight_conversion) first")
     if out["base_model_name_or_path"] is not None and not isinstance(out["base_model_name_or_path"], str):
         raise ValueError(f"{path}: base_model_name_or_path must be a string or null; found {out['base_model_name_or_path']!r}")
     return out

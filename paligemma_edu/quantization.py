@@ -344,7 +344,7 @@ class _QuantLinearCompute(nn.Module):
 
     def grad_input(self, g):
         "g (M, N) @ W (N, K): the gradient w.r.t. the input, the weight dequantized ~4M weights at a time (never whole)."
-        if self.bits == 4 and self.qweight.dim() == 4: return self._grad_input_cuda_int4(g)
+        if self.bits == 4 and self.qweight.dim() == 4: return self._grad_input_by_kernel(g)  # CUDA-packed
         N, K = self.out_features, self.in_features
         out, step = g.new_zeros(g.shape[0], K), max(64, (1 << 22) // K // 64 * 64)  # row blocks start at multiples of 64
         for i in range(0, N, step):
@@ -360,16 +360,16 @@ class _QuantLinearCompute(nn.Module):
         w = dequantize_int4(self._codes_cpu(self.qweight[i:end]), sz[..., 0], sz[..., 1], self.group_size)
         return w[:j - i, :self.in_features]
 
-    def _grad_input_cuda_int4(self, g):  # (M, N) -> (M, K): the kernel on identity rows gives W.T a block at a time
-        Kp = self.scale_zero.shape[0] * self.group_size
-        sz, out = self.scale_zero.to(torch.bfloat16), g.new_zeros(g.shape[0], self.in_features)
-        eye = torch.eye(Kp, dtype=torch.bfloat16, device=g.device)
-        for i in range(0, self.in_features, 1024):
-            wt = torch.ops.aten._weight_int4pack_mm(eye[i:i + 1024], self.qweight, self.group_size, sz)  # (k, Np)
-            out[:, i:i + 1024] = g @ wt[:min(1024, self.in_features - i), :self.out_features].T.to(g.dtype)
+    def _grad_input_by_kernel(self, g):  # (M, N) -> (M, K): the kernel applied to rows of the identity gives W.T
+        K, out = self.in_features, g.new_zeros(g.shape[0], self.in_features)
+        for i in range(0, K, 1024):
+            rows = F.one_hot(torch.arange(i, min(i + 1024, K), device=g.device), K).to(g.dtype)  # (k, K)
+            out[:, i:i + len(rows)] = g @ self._matmul(rows).T                          # (M, N) @ (N, k)
         return out
 
     def _int4_matmul(self, x):  # (M, K) -> (M, N)
+        if not x.is_cuda and x.dtype != self.scale_zero.dtype:  # e.g. bfloat16 activations under autocast: the layer's dtype
+            return self._int4_matmul(x.to(self.scale_zero.dtype)).to(x.dtype)
         Kp = self.scale_zero.shape[0] * self.group_size
         if Kp != self.in_features: x = F.pad(x, (0, Kp - self.in_features))             # (M, Kp)
         if x.is_cuda:  # the CUDA kernel computes in bfloat16

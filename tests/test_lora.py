@@ -129,11 +129,12 @@ def to_v4_key(k):
     raise AssertionError(k)
 
 
-@pytest.mark.parametrize("targets", [list(LORA_TARGETS), r".*language_model.*\.(q_proj|v_proj)", "all-linear"],
-                         ids=["seven", "regex-text-qv", "all-linear"])
-def test_ours_loads_peft(base, tmp_path, targets):
+@pytest.mark.parametrize("targets, task", [(list(LORA_TARGETS), None), (r".*language_model.*\.(q_proj|v_proj)", None),
+                                           ("all-linear", None), (["q_proj", "v_proj"], "CAUSAL_LM")],
+                         ids=["seven", "regex-text-qv", "all-linear", "causal-lm-qv"])
+def test_ours_loads_peft(base, tmp_path, targets, task):
     hf, folder = base
-    cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=targets)
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=targets, task_type=task)
     theirs = peft.get_peft_model(copy.deepcopy(hf), cfg)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -194,14 +195,17 @@ def test_adapter_round_trip_and_load_adapted(tmp_path):
     save_adapter(model, ad, overwrite=True)
 
 
-def test_quant_linear_gradient_wrt_input():
-    lin = torch.nn.Linear(200, 1030)  # rows beyond one block of 1024, inputs padded for int4
+@pytest.mark.parametrize("K, N", [(200, 1030), (1100, 70)])  # rows beyond a block of 1024; inputs beyond 1024, padded
+def test_quant_linear_gradient_wrt_input(K, N):
+    lin = torch.nn.Linear(K, N)
     for bits in (8, 4):
         ql, ref_w = QuantLinear.from_linear(lin, bits), fake_quantize(lin.weight.detach(), bits)
         for M in (1, 40):
-            x, g = torch.randn(M, 200, requires_grad=True), torch.randn(M, 1030)
+            x, g = torch.randn(M, K, requires_grad=True), torch.randn(M, N)
             (ql(x) * g).sum().backward()
             torch.testing.assert_close(x.grad, g @ ref_w, rtol=1e-5, atol=1e-4)
+            # the path CUDA-packed int4 layers take (they cannot be unpacked), run here with the CPU kernels
+            torch.testing.assert_close(ql._grad_input_by_kernel(g), g @ ref_w, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -276,6 +280,7 @@ def saved(base, tmp_path):
     (lambda d: json.dumps(d | {"lora_alpha": -1}), "alpha must be a finite number"),
     (lambda d: json.dumps(d | {"use_dora": True}), "not plain LoRA"),
     (lambda d: json.dumps(d | {"rank_pattern": {"q_proj": 2}}), "not plain LoRA"),
+    (lambda d: json.dumps(d | {"init_lora_weights": "pissa_niter_4"}), "changed the base weights"),
     (lambda d: json.dumps(d | {"target_modules": ["qkv"]}), "match no module"),
     (lambda d: json.dumps([1, 2]), "must hold a JSON object")])
 def test_bad_adapter_config(base, saved, edit, msg):
@@ -322,3 +327,14 @@ def test_load_adapted_base_not_local(saved):
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"base_model_name_or_path": "google/paligemma-3b-pt-224"}))
     with pytest.raises(FileNotFoundError, match="pass base="): load_adapted(saved)
     with pytest.raises(FileNotFoundError, match="not an adapter folder"): load_adapted(saved.parent)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qlora_under_bf16_autocast(base, bits):
+    q = load_ours(base[1], quantize=f"int{bits}")
+    add_lora(q, rank=4, alpha=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(B["input_ids"], B["pixel_values"], B["attention_mask"], B["token_type_ids"], labels=B["labels"])
+    out.loss.backward()
+    grads = [m.lora_B.weight.grad for m in lora_layers(q).values()]
+    assert torch.isfinite(out.loss) and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

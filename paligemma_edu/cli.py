@@ -197,8 +197,9 @@ def cmd_finetune(args):
                          device=args.device, save_every=args.save_every, workers=args.workers, print_every=args.print_every)
     res = finetune(s, args.out, resume=args.resume, overwrite=args.overwrite)
     kind = "LoRA adapter" if s.method == "lora" else "model"
+    quant = f" --quantize {s.quantize}" if s.quantize else ""  # a QLoRA adapter was trained on the quantized base
     print(f"{kind} written to {args.out} ({res['trainable_params']:,} of {res['total_params']:,} parameters trained, "
-          f"{res['steps']} steps); try: paligemma-edu generate --model {args.out} --image IMAGE --prompt PROMPT")
+          f"{res['steps']} steps); try: paligemma-edu generate --model {args.out}{quant} --image IMAGE --prompt PROMPT")
     print(json.dumps(dict(before=res["before"], final=res["final"])))
     return res
 

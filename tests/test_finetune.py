@@ -170,10 +170,17 @@ RUN = textwrap.dedent("""
 """)
 
 
-def _run(args: dict) -> subprocess.CompletedProcess:
+def _start(args: dict) -> subprocess.Popen:
+    "A fine-tuning run in a new process (one thread), its output captured."
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
-    return subprocess.run([sys.executable, "-c", RUN, json.dumps(args)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple:
+    "(return code, stderr) of a run started by `_start`."
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err[-2000:]
 
 
 @pytest.mark.parametrize("method, workers", [("full", 0), ("lora", 1)])
@@ -181,14 +188,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, data, tiny_base, method
     "A run killed by SIGKILL mid-step and resumed ends with the same weights, bit for bit, as an uninterrupted run."
     base = dict(train=str(data / "train.jsonl"), model=str(tiny_base), method=method, steps=6, batch_size=2,
                 grad_accum=2, lr=1e-2, save_every=2, workers=workers, lora_rank=2, lora_dropout=0.1 if method == "lora" else 0.0)
-    done = _run(base | {"out": str(tmp_path / "straight")})
-    assert done.returncode == 0, done.stderr[-2000:]
-    killed = _run(base | {"out": str(tmp_path / "resumed"), "kill_at_micro_batch": 2 * 5 + 2})  # during step 6
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    straight = _start(base | {"out": str(tmp_path / "straight")})           # the two first runs side by side
+    killed = _start(base | {"out": str(tmp_path / "resumed"), "kill_at_micro_batch": 2 * 5 + 2})  # during step 6
+    (code, err), (killed_code, killed_err) = _finish(straight), _finish(killed)
+    assert code == 0, err
+    assert killed_code == -signal.SIGKILL, killed_err
     meta = json.loads((tmp_path / "resumed" / CHECKPOINT / "checkpoint.json").read_text())
     assert meta["step"] == 4 and meta["data"]["micro_batch"] == 8
-    resumed = _run(base | {"out": str(tmp_path / "resumed"), "resume": True})
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, err = _finish(_start(base | {"out": str(tmp_path / "resumed"), "resume": True}))
+    assert code == 0, err
     name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -259,7 +267,54 @@ def test_cli_full_finetune_loads_in_transformers(tmp_path, data, bundled):
     batch = make_batch(processor, [JsonlDataset(read_jsonl(data / "val.jsonl"))[i] for i in range(2)])
     batch.pop("labels")
     with torch.no_grad():
-        a, b = ours(**batch).logits, theirs(**batch).logits
+        mask = batch["attention_mask"]
+        hf_positions = (mask.cumsum(-1) - 1).clamp(min=0) + 1  # ours on a left-padded batch (as tests/test_paligemma.py)
+        a, b = ours(**batch).logits, theirs(**batch, position_ids=hf_positions).logits
     assert (a - b).abs().max() <= 1e-4
     base, _ = bundled
     assert not torch.equal(ours.multi_modal_projector.linear.weight, base.multi_modal_projector.linear.weight)
+
+
+def test_scores_exact_boxes_and_masks(tmp_path):
+    "Exact match, box IoU for detect prompts and mask IoU for segment prompts (the bundled mask codec)."
+    from paligemma_edu.finetune import score_predictions
+    from paligemma_edu.segmentation import load_mask_codec
+    codec = load_mask_codec()
+    image, prompt, truth, scene = make_example(11, "segment", codec=codec)
+    image.save(tmp_path / "a.png")
+    shape = prompt.split(" ", 1)[1]
+    det = f"<loc0100><loc0100><loc0500><loc0500> {shape}"
+    part = f"<loc0100><loc0100><loc0500><loc0400> {shape}"  # three quarters of the width: IoU 0.75
+    recs = [dict(image=str(tmp_path / "a.png"), prompt=f"detect {shape}", answer=det),
+            dict(image=str(tmp_path / "a.png"), prompt=prompt, answer=truth),
+            dict(image=str(tmp_path / "a.png"), prompt=prompt, answer=truth),
+            dict(image=str(tmp_path / "a.png"), prompt="caption en", answer="a red circle")]
+    res = score_predictions(recs, [part, truth, "not a mask", "a red  circle"], codec)
+    assert res["exact"] == 0.5 and res["n"] == 4
+    assert res["detect_mean_iou"] == pytest.approx(0.75) and res["detect_hit@0.5"] == 1.0
+    assert res["segment_mask_iou"] == pytest.approx(0.5)  # a perfect mask and an unreadable answer
+    assert "segment_mask_iou" not in score_predictions(recs, [part, truth, truth, ""], None)
+
+
+def test_fit_prints_plain_progress_off_a_terminal(capsys):
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    fit(opt, lambda step: (w ** 2).sum(), steps=5, lr=0.1, warmup=0, print_every=2, examples_per_step=4, desc="demo")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(" loss")[0] for line in lines] == ["demo step 2/5", "demo step 4/5", "demo step 5/5"]
+    assert all(re.search(r"loss \d+\.\d{4} [\d.]+ ex/s ETA \d+:\d\d:\d\d$", line) for line in lines), lines
+
+
+def test_gradient_checkpointing_option(tmp_path, data, tiny_base):
+    "--gradient-checkpointing switches on the model's checkpointing; the weights come out the same as without it."
+    from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+    s = FinetuneSettings(train=str(data / "train.jsonl"), model=str(tiny_base), method="lora", lora_rank=2,
+                         lora_dropout=0.1, steps=2, batch_size=2, workers=0)
+    if not hasattr(PaliGemmaForConditionalGeneration, "gradient_checkpointing_enable"):
+        with pytest.raises(ValueError, match="no gradient_checkpointing_enable"):
+            finetune(FinetuneSettings(**{**s.__dict__, "gradient_checkpointing": True}), tmp_path / "gc", progress=False)
+        return
+    for name, on in (("plain", False), ("gc", True)):
+        finetune(FinetuneSettings(**{**s.__dict__, "gradient_checkpointing": on}), tmp_path / name, progress=False)
+    a, b = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("plain", "gc"))
+    for k in a: torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)

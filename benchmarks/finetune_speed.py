@@ -7,8 +7,9 @@ For each size ('tiny': the bundled model's weights; 'mid': its tokenizer and 64 
 6 layers deep, random weights) the script times one optimizer step (forward with the loss, backward, AdamW step) of
 LoRA (rank 16, alpha 32, peft's Gemma targets q/k/v/o/gate/up/down, on both sides) and of full fine-tuning. The
 implementations alternate round by round in one process; each round times `--steps` steps after one warm-up step, and
-the median step time over the rounds is reported. Peak memory: each (size, implementation, method) runs once more in a
-fresh subprocess (`--memory-worker`): after the imports the kernel's peak-RSS mark is reset, and the growth of the
+the median step time over the rounds is reported, in wall-clock seconds and in CPU seconds of the process (the latter
+is the fairer comparison on a machine shared with other jobs). Peak memory: each (size, implementation, method) runs
+once more in a fresh subprocess (`--memory-worker`): after the imports the kernel's peak-RSS mark is reset, and the growth of the
 peak (VmHWM) over loading the model and three steps is reported (`--memory-only` redoes just these rows).
 """
 from __future__ import annotations
@@ -95,11 +96,12 @@ def load(impl: str, method: str, folder: Path):
     return model, step, trainable
 
 
-def time_steps(step, batch, n: int) -> float:
+def time_steps(step, batch, n: int) -> tuple:
+    "(wall seconds, CPU seconds of this process) per step, after a warm-up step."
     step(batch)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n): step(batch)
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def memory_worker(size, impl, method, folder, batch_size, threads) -> dict:
@@ -169,17 +171,20 @@ def main(argv=None):
             batch = batch_for(processor, a.batch_size)
             for method in a.methods.split(","):
                 impls = {impl: load(impl, method, folder) for impl in ("ours", "hf")}
-                times = {impl: [] for impl in impls}
+                times, cpu = {impl: [] for impl in impls}, {impl: [] for impl in impls}
                 for r in range(a.rounds):  # alternate, starting side swapped each round
                     for impl in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
-                        times[impl].append(time_steps(impls[impl][1], batch, a.steps))
+                        wall, c = time_steps(impls[impl][1], batch, a.steps)
+                        times[impl].append(wall); cpu[impl].append(c)
                 med = {impl: statistics.median(ts) for impl, ts in times.items()}
+                mcpu = {impl: statistics.median(ts) for impl, ts in cpu.items()}
                 row = dict(size=size, method=method, ours_s=round(med["ours"], 4), hf_s=round(med["hf"], 4),
-                           speedup=round(med["hf"] / med["ours"], 2), trainable_ours=impls["ours"][2],
-                           trainable_hf=impls["hf"][2], times=times)
+                           speedup=round(med["hf"] / med["ours"], 2), ours_cpu_s=round(mcpu["ours"], 4),
+                           hf_cpu_s=round(mcpu["hf"], 4), cpu_speedup=round(mcpu["hf"] / mcpu["ours"], 2),
+                           trainable_ours=impls["ours"][2], trainable_hf=impls["hf"][2], times=times, cpu_times=cpu)
                 results["rows"].append(row)
                 print(f"{size:5s} {method:5s} ours {row['ours_s']*1e3:8.1f} ms  HF{'+peft' if method == 'lora' else '     '} "
-                      f"{row['hf_s']*1e3:8.1f} ms  x{row['speedup']}", flush=True)
+                      f"{row['hf_s']*1e3:8.1f} ms  x{row['speedup']}  CPU x{row['cpu_speedup']}", flush=True)
                 del impls
                 if not a.no_memory: results["memory"] += memory_rows(size, method, folder, a)
     results["load_average_end"] = list(os.getloadavg())

@@ -101,6 +101,14 @@ def old_change(old: dict, base: dict) -> dict:
     return {t: round(100 * (old[t][key(t)] - base[t][key(t)]), 1) for t in base if t in old}
 
 
+def llm_targets() -> list:
+    "The default LoRA targets of the bundled model's language model only, as the module paths peft matches."
+    from paligemma_edu.bundled import BUNDLED_RECIPE
+    from paligemma_edu.lora import LORA_TARGETS
+    part = lambda t: ("self_attn." if t[0] in "qkvo" else "mlp.") + t
+    return [f"language_model.layers.{i}.{part(t)}" for i in range(BUNDLED_RECIPE["text_layers"]) for t in LORA_TARGETS]
+
+
 def cmd_run(a):
     import torch
     from paligemma_edu.finetune import FinetuneSettings, finetune
@@ -112,7 +120,8 @@ def cmd_run(a):
     out_dir = Path(a.out or tempfile.mkdtemp(prefix=f"transfer-{name}-"))
     s = FinetuneSettings(train=str(Path(a.data) / "train.jsonl"), method=a.method, lora_rank=a.rank,
                          lora_alpha=2.0 * a.rank, quantize=a.quantize, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                         seed=a.seed, workers=0, gradient_checkpointing=a.gradient_checkpointing, print_every=25)
+                         seed=a.seed, workers=0, lora_targets=llm_targets() if a.targets == "llm" else None,
+                         gradient_checkpointing=a.gradient_checkpointing, print_every=25)
     t0, c0 = time.perf_counter(), cpu_seconds()
     summary = finetune(s, out_dir, overwrite=True, progress=False)
     minutes, cpu_minutes, peak = (time.perf_counter() - t0) / 60, (cpu_seconds() - c0) / 60, peak_rss_mb()
@@ -125,6 +134,7 @@ def cmd_run(a):
     if base["n_old"] != a.n_old: raise ValueError(f"base.json has n_old {base['n_old']}, this run {a.n_old}")
     log = summary["log"]
     out = dict(name=name, method=a.method, quantize=a.quantize, rank=a.rank if a.method == "lora" else None,
+               targets=a.targets,
                alpha=2.0 * a.rank if a.method == "lora" else None, steps=a.steps, lr=summary["lr"], batch_size=a.batch_size,
                gradient_checkpointing=a.gradient_checkpointing, trainable_params=summary["trainable_params"],
                total_params=summary["total_params"], train_minutes=round(minutes, 2), train_cpu_minutes=round(cpu_minutes, 2),
@@ -225,6 +235,7 @@ def main(argv=None):
     r.add_argument("--method", required=True, choices=("full", "freeze-vision", "attention-only", "lora"))
     r.add_argument("--quantize", choices=("int8", "int4"))
     r.add_argument("--rank", type=int, default=16)
+    r.add_argument("--targets", choices=("llm",), help="llm: the default targets in the language model only (not SigLIP's q/k/v)")
     r.add_argument("--steps", type=int, default=200)
     r.add_argument("--lr", type=float)
     r.add_argument("--batch-size", type=int, default=32)

@@ -170,14 +170,14 @@ def write_position_data(folder, n_train: int = 4000, n_val: int = 500, replay: f
         st.commit()
     return dict(train=folder / "train.jsonl", val=folder / "val.jsonl")
 
-# %% ../nbs/25_transfer.ipynb #f8b585f6
-_ORDER = ("full", "freeze-vision", "attention-only", "lora", "qlora-int4")
+# %% ../nbs/25_transfer.ipynb #4f38964c
+_ORDER = ("full", "freeze-vision", "attention-only", "lora")
 
 def transfer_table(runs: list, base: dict) -> str:
     "Markdown: one row per fine-tuning run (trainable parameters, lr, minutes, peak RSS, new-task accuracy, old-task change)."
     out = [f"| method | trainable | lr | minutes (CPU) | peak RSS MB | new task (was {base['new_task']['exact']:.1%}) | "
            "old tasks, change in points |", "|---|---|---|---|---|---|---|"]
-    key = lambda r: _ORDER.index(r["name"]) if r["name"] in _ORDER else len(_ORDER)
+    key = lambda r: (_ORDER.index(r["method"]), r["quantize"] is not None, r["name"])
     for r in sorted(runs, key=key):
         old = ", ".join(f"{t} {v:+.1f}" for t, v in r["old_change_points"].items())
         out.append(f"| {r['name']} | {r['trainable_params']:,} | {r['lr']:g} | {r['train_minutes']:.1f} "

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, asdict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .rmsnorm import GemmaRMSNorm
 from .rope import RotaryEmbedding, apply_rope
@@ -189,6 +190,7 @@ class GemmaModel(nn.Module):
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = GemmaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.gradient_checkpointing = False  # recompute each layer in backward instead of keeping its activations
 
     def embed(self, input_ids):  # (B, T) -> (B, T, D)
         "Embedding lookup times sqrt(hidden_size) (rounded to the embedding's dtype), with a vocabulary check."
@@ -239,8 +241,11 @@ class GemmaModel(nn.Module):
         cos, sin = self.rotary_emb(position_ids, x.dtype)                               # (B|1, T, Dh)
         full, sliding = self.attention_biases(attention_mask, T, prefix_mask, x.dtype, past)  # (B|1, 1, T, S) or None
         hidden, attns = (x,) if output_hidden_states else None, () if output_attentions else None
+        remat = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x, probs = layer(x, cos, sin, sliding if layer.is_sliding else full, cache, output_attentions)
+            bias = sliding if layer.is_sliding else full
+            if remat: x, probs = checkpoint(layer, x, cos, sin, bias, None, output_attentions, use_reentrant=False)
+            else: x, probs = layer(x, cos, sin, bias, cache, output_attentions)
             if output_hidden_states: hidden += (x,)
             if output_attentions: attns += (probs,)
         if cache is not None: cache.advance(T)
@@ -267,6 +272,14 @@ class GemmaForCausalLM(nn.Module):
         z = self.lm_head(h)
         cap = self.cfg.final_logit_softcapping
         return z if cap is None else soft_cap(z, cap)
+
+    def gradient_checkpointing_enable(self):
+        "In training, keep only each decoder layer's input and recompute the layer during backward."
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        "Keep every activation for backward (the default)."
+        self.model.gradient_checkpointing = False
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         "An empty KV cache sized for this model."

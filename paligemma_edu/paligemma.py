@@ -228,6 +228,14 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         self.multi_modal_projector = PaliGemmaMultiModalProjector(cfg)
         self.language_model = GemmaForCausalLM(cfg.text_config)
 
+    def gradient_checkpointing_enable(self):
+        "Per-layer activation checkpointing in the vision tower and the language model (training only)."
+        self.vision_tower.gradient_checkpointing_enable(); self.language_model.gradient_checkpointing_enable()
+
+    def gradient_checkpointing_disable(self):
+        "Keep every activation for backward (the default)."
+        self.vision_tower.gradient_checkpointing_disable(); self.language_model.gradient_checkpointing_disable()
+
     def get_image_features(self, pixel_values):  # (B, C, H, W) -> (B, N, D)
         "Vision tower then projector."
         return self.multi_modal_projector(self.vision_tower(pixel_values))

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .images import load_image
 
@@ -160,12 +161,15 @@ class SiglipEncoder(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         self.layers = nn.ModuleList([SiglipEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False  # recompute each layer in backward instead of keeping its activations
 
     def forward(self, x: torch.Tensor, output_hidden_states: bool = False, output_attentions: bool = False):
         "Returns (last, hidden_states or None, attentions or None)."
         hs, attns = ([x] if output_hidden_states else None), ([] if output_attentions else None)
+        remat = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x, probs = layer(x, output_attentions=output_attentions)
+            if remat: x, probs = checkpoint(layer, x, output_attentions, use_reentrant=False)
+            else: x, probs = layer(x, output_attentions=output_attentions)
             if hs is not None: hs.append(x)
             if attns is not None: attns.append(probs)
         return x, (tuple(hs) if hs is not None else None), (tuple(attns) if attns is not None else None)
@@ -178,6 +182,14 @@ class SiglipVisionModel(nn.Module):
         self.embeddings = SiglipVisionEmbeddings(config)
         self.encoder = SiglipEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def gradient_checkpointing_enable(self):
+        "Keep only each layer's input in training; recompute the layer's inside during backward."
+        self.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        "Keep every activation for backward (the default)."
+        self.encoder.gradient_checkpointing = False
 
     def _check_input(self, pixel_values: torch.Tensor):
         c = self.config

@@ -155,8 +155,9 @@ def set_trainable(model, method: str = "full", lora_rank: int = 8, lora_alpha: f
     if getattr(model, "quantization", None) is not None and method != "lora":
         raise ValueError(f"a quantized model's weights cannot be trained ({method!r}); use method 'lora' (QLoRA)")
     if method == "lora":
+        targets = lora.LORA_TARGETS if lora_targets is None else lora_targets  # a list, or one regex string (peft's rule)
         lora.add_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                      **({} if lora_targets is None else {"targets": tuple(lora_targets)}))
+                      targets=targets if isinstance(targets, str) else tuple(targets))
     else:
         for name, p in model.named_parameters(): p.requires_grad_(_trains(method, name))
     names = [n for n, p in model.named_parameters() if p.requires_grad]

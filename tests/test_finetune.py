@@ -148,6 +148,8 @@ def test_set_trainable_methods(bundled):
     assert set_trainable(model, "projector-only") == ["multi_modal_projector.linear.weight", "multi_modal_projector.linear.bias"]
     with pytest.raises(ValueError, match="unknown method"):
         set_trainable(model, "everything")
+    names = set_trainable(small_shapes_model(processor), "lora", lora_targets=r".*language_model.*\.(q_proj|v_proj)")
+    assert names and all(n.startswith("language_model.") and (".q_proj.lora_" in n or ".v_proj.lora_" in n) for n in names)
 
 
 RUN = textwrap.dedent("""

@@ -175,7 +175,7 @@ def cmd_train(args):
     from tqdm import tqdm
     from paligemma_edu.bundled import parse_recipe, train_bundled_model
     recipe = parse_recipe(args.recipe)  # before any work: a bad recipe is a one-line error
-    if args.threads: torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     log = lambda rec: tqdm.write(json.dumps(rec)) if {"eval_loss", "shape_acc", "mean_iou"} & set(rec) else None
     train_bundled_model(args.out, steps=args.steps, seed=args.seed, recipe=recipe, device=args.device, on_log=log,
                         overwrite=args.overwrite)
@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, default=None, help="steps of the answer stage (default: the bundled model's; "
                    "the vision stage has vision_pretrain_steps in --recipe)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2, as in the shipped run: "
+                   "the thread count can change how sums are split, and so the trained model)")
     t.add_argument("--device", default=None, help="train on this device (default cpu), e.g. cuda")
     t.add_argument("--recipe", default=None, metavar="JSON", help="overrides of the bundled recipe, e.g. '{\"lr\": 0.001}'")
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once training finished)")

@@ -168,15 +168,26 @@ def cmd_demo(args):
     return answers
 
 # %% ../nbs/22_cli.ipynb #9cc9a0fe
+def _progress_line(rec: dict, totals: dict) -> str:
+    "A plain line for one evaluation record of `train`: the stage, the step of its total, minutes, what is left, metrics."
+    stage, step, sec = rec.get("stage", "answers"), rec["step"], rec.get("time", 0.0)
+    n = totals.get(stage)
+    left = f", about {sec / step * (n - step) / 60:.1f} min left in this stage" if n and step < n else ""
+    shown = {k: v for k, v in rec.items() if k not in ("stage", "step", "lr", "grad_norm", "time") and isinstance(v, float)}
+    return (f"[{stage}] step {step}{f' of {n}' if n else ''}, {sec / 60:.1f} min{left}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+
 def cmd_train(args):
-    "Train the bundled model's recipe from scratch into a new folder; one JSON line per evaluation."
-    import json
+    "Train the bundled model's recipe from scratch into a new folder; a plain progress line per evaluation."
     import torch
     from tqdm import tqdm
-    from paligemma_edu.bundled import parse_recipe, train_bundled_model
+    from paligemma_edu.bundled import full_recipe, parse_recipe, train_bundled_model
     recipe = parse_recipe(args.recipe)  # before any work: a bad recipe is a one-line error
     torch.set_num_threads(args.threads)
-    log = lambda rec: tqdm.write(json.dumps(rec)) if {"eval_loss", "shape_acc", "mean_iou"} & set(rec) else None
+    r = full_recipe(recipe | ({"steps": args.steps} if args.steps else {}))
+    totals = {"codec": r["codec"]["steps"], "vision": r["vision_pretrain_steps"], "answers": r["steps"]}
+    log = lambda rec: (tqdm.write(_progress_line(rec, totals))
+                       if {"eval_loss", "shape_acc", "mean_iou"} & set(rec) else None)
     train_bundled_model(args.out, steps=args.steps, seed=args.seed, recipe=recipe, device=args.device, on_log=log,
                         overwrite=args.overwrite)
     print(f"model written to {args.out}")

@@ -32,7 +32,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import full_config, full2_config, make_inputs, _text, _pg, counts, decode_bytes_per_step  # noqa: E402
+from run import new_run_folder, full_config, full2_config, make_inputs, _text, _pg, counts, decode_bytes_per_step  # noqa: E402
 
 FP32_TOL = 1e-4  # relative error allowed in float32 (different kernel orders only)
 
@@ -215,7 +215,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="markdown file to write (a .json beside it; default: in a new folder "
+                    "benchmarks/runs/<UTC time>; the committed one is rewritten only when named)")
     ap.add_argument("--fast-shapes", default=None, help="shapes for the fast-decoding table (default: full,full2 on "
                     "CUDA, tiny with --tiny); '' to skip it")
     ap.add_argument("--fast-modes", default=None, help="our compile= modes (default: cuda-graph,reduce-overhead on CUDA, "
@@ -230,7 +231,8 @@ def main(argv=None):
     torch.backends.cudnn.allow_tf32 = False
     cfg = tiny_config() if a.tiny else full_config()
     n_new = a.new_tokens or (8 if a.tiny else 32)
-    out = Path(a.out) if a.out else HERE / "results" / f"gpu_check_{'tiny' if a.tiny else 'full'}_{dev.type}.md"
+    out = Path(a.out) if a.out else new_run_folder() / f"gpu_check_{'tiny' if a.tiny else 'full'}_{dev.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     info = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__)
     import transformers

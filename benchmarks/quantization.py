@@ -4,7 +4,7 @@
     python benchmarks/quantization.py --tiny                # tiny random transformers checkpoint: logits error, greedy tokens
     python benchmarks/quantization.py --kernels             # one 16384x2048 matrix times 1 and 264 rows, every format
     python benchmarks/quantization.py --full [--rounds 3]   # paligemma-3b shapes, random bf16 weights: memory and speed
-    python benchmarks/quantization.py --report-only         # rewrite quantization.md from quantization.json
+    python benchmarks/quantization.py --report-only --out D # rewrite D/quantization.md from D/quantization.json
     python benchmarks/quantization.py --quick               # all of it on tiny shapes, in seconds (the test suite runs it)
 
 Full size: random weights are written once, in bfloat16, to --folder (default /tmp/pg3b-bf16, ~5.9 GB; reused if
@@ -14,7 +14,9 @@ Speed: this machine is shared, and with 2 threads every parallel op waits whenev
 core, so timings from separate processes minutes apart are not comparable; instead one process holds transformers'
 bf16 model and one of ours and alternates between them (prefill by prefill, generation by generation, the order
 rotating), and the ratios of each round are reported (median over rounds), at --threads threads and at 1 thread.
-Each run of a section replaces that section of quantization.json and keeps the others.
+Each run of a section replaces that section of quantization.json and keeps the others. Results go to a new folder,
+benchmarks/runs/<UTC date and time>, unless --out names one: the committed results are updated only by
+`--out benchmarks/results`.
 """
 from __future__ import annotations
 import argparse
@@ -404,7 +406,8 @@ def main(argv=None):
     for s in ("accuracy", "tiny", "kernels", "full"): ap.add_argument(f"--{s}", action="store_true")
     ap.add_argument("--quick", action="store_true", help="every section on tiny shapes (seconds)")
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=None, help="folder of quantization.json, which each run updates (default: a new "
+                    "benchmarks/runs/<UTC time>; the committed results are updated only with --out benchmarks/results)")
     ap.add_argument("--folder", default="/tmp/pg3b-bf16", help="the random bf16 checkpoint (written if absent)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
@@ -415,7 +418,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(worker_paired(a) if a.impl == "paired" else worker(a))); return
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    if a.report_only and a.out is None: ap.error("--report-only rewrites the report of an existing run: name it with --out")
+    out = Path(a.out) if a.out else bench.new_run_folder()
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "quantization.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     if not a.report_only:

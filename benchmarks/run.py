@@ -1,6 +1,6 @@
 """CPU benchmarks of paligemma_edu against transformers on the same random weights.
 
-    python benchmarks/run.py [--sizes tiny,mid] [--full] [--out benchmarks/results] [--quick] [--rounds R] [--reps N]
+    python benchmarks/run.py [--sizes tiny,mid] [--full] [--out FOLDER] [--quick] [--rounds R] [--reps N]
                              [--threads 2] [--impls ours,ours_compiled,...] [--report-only]
 
 Implementations: ours (the eager loop), ours_static (generate(compile="static"): the fixed-shape step, not compiled),
@@ -10,6 +10,9 @@ reported separately), hf_eager and hf_sdpa (transformers).
 Every measurement runs in its own subprocess (`--worker ...`), implementations alternate round by round, each
 measurement has a warm-up and the median of several repetitions is reported. Weights: one random model per size,
 written with our `save_pretrained` to a temporary folder, loaded by every process (ours and transformers).
+
+Results go to a new folder, benchmarks/runs/<UTC date and time>, unless --out names one: the committed results in
+benchmarks/results are rewritten only by `--out benchmarks/results`.
 """
 from __future__ import annotations
 import argparse
@@ -27,6 +30,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def new_run_folder() -> Path:
+    "A fresh results folder, benchmarks/runs/<UTC date and time>: the default --out, so no run overwrites another."
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for k in range(100):
+        p = HERE / "runs" / (stamp + (f"-{k}" if k else ""))
+        if not p.exists(): return p
+    raise FileExistsError(f"{HERE / 'runs'} already holds 100 folders named {stamp}*; give --out")
 ROOT = HERE.parent
 IMPLS = ("ours", "ours_static", "ours_compiled", "hf_eager", "hf_sdpa")
 FAST = {"ours_static": "static", "ours_compiled": True}  # generate(compile=...) of our fast paths (True: torch.compile)
@@ -526,7 +538,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="tiny,mid")
     ap.add_argument("--full", action="store_true", help="also run the paligemma-3b-pt-224 shape (bf16, ~6 GiB, slow)")
     # sizes: tiny, mid, full (PaliGemma), mid2, full2 (PaliGemma 2 shapes; transformers runs Gemma 2 in eager only)
-    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--out", default=None, help="results folder (default: a new benchmarks/runs/<UTC time>; the committed "
+                    "results are rewritten only with --out benchmarks/results)")
     ap.add_argument("--quick", action="store_true", help="few tokens, one round: proves the command works")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
@@ -556,7 +569,9 @@ def main(argv=None):
 
     import torch
     from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    if a.report_only and a.out is None: ap.error("--report-only rewrites the report of an existing run: name it with --out")
+    out = Path(a.out) if a.out else new_run_folder()
+    out.mkdir(parents=True, exist_ok=True)
     if a.report_only:
         info = json.loads((out / "results.json").read_text())
         curves = {k: e["curve"] for k, e in info["sizes"].items() if e.get("curve")}

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FIGURE_TYPES', 'DEMO_TASKS', 'cmd_generate', 'cmd_demo', 'cmd_train', 'cmd_evaluate', 'cmd_finetune', 'build_parser',
-           'main']
+__all__ = ['FIGURE_TYPES', 'DEMO_TASKS', 'WORLD', 'SCENE_TYPES', 'cmd_generate', 'cmd_demo', 'cmd_train', 'cmd_evaluate',
+           'cmd_finetune', 'cmd_scene', 'build_parser', 'main']
 
 # %% ../nbs/22_cli.ipynb #9fedaa5f
 def _model_folder(model_dir) -> Path:
@@ -61,6 +61,18 @@ def _save_figure(fig, path: Path, dpi: int):
         st.commit()
 
 # %% ../nbs/22_cli.ipynb #142e1bcf
+def _shown(prompt: str, text: str) -> str:
+    "An answer as printed: an empty detect or segment answer says what was not found, another empty answer says so."
+    if text: return text
+    task, _, what = prompt.partition(" ")
+    return f"no {what} found" if task in ("detect", "segment") and what else "(an empty answer)"
+
+def _framed(ax, title: str):
+    "A panel of a several-image picture: a thin grey frame and a small title."
+    ax.set_axis_on(); ax.set_xticks([]); ax.set_yticks([])
+    for s in ax.spines.values(): s.set_color("0.6")
+    ax.set_title(title, fontsize=7)
+
 def cmd_generate(args):
     from paligemma_edu.images import load_image
     from paligemma_edu.generate import answer, TextStreamer, parse_detections, draw_boxes
@@ -75,40 +87,52 @@ def cmd_generate(args):
     if prompts is None:
         raise ValueError(f"give one --prompt for all images or one per image; got {n_p} prompts for {n_i} images")
     codec = _load_codec(args.model, args.codec) if masks is not None else None
+    _warn_untrained_prompts(_model_folder(args.model), prompts)
     model, proc = _load(args.model, args.device, args.dtype, args.quantize)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                top_p=args.top_p, top_k=args.top_k, seed=args.seed, compile=args.compile or False)
     if len(images) == 1:
         streamer = TextStreamer(proc)
         texts = [answer(model, proc, images[0], prompts[0], streamer=streamer, **gen)]
-        streamer.end()
+        if streamer.printed.strip(): streamer.end()
+        else: print(_shown(prompts[0], texts[0]))  # nothing was streamed: say so rather than print a blank line
     else:
         texts = answer(model, proc, images, prompts, **gen)
-        for p, im_path, t in zip(prompts, args.image, texts): print(f"[{im_path}] {p} -> {t}")
+        for p, im_path, t in zip(prompts, args.image, texts): print(f"[{im_path}] {p} -> {_shown(p, t)}")
     if boxes is not None:
         import matplotlib; matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, axs = plt.subplots(1, len(images), figsize=(3 * len(images), 3), squeeze=False)
-        for ax, im, t in zip(axs[0], images, texts): draw_boxes(im, parse_detections(t, im.size[::-1]), ax=ax, color="magenta")
+        fig, axs = plt.subplots(1, len(images), figsize=(3 * len(images), 3.3), squeeze=False)
+        n_boxes = 0
+        for ax, im, im_path, p, t in zip(axs[0], images, args.image, prompts, texts):
+            found = parse_detections(t, im.size[::-1])
+            draw_boxes(im, found, ax=ax, color="magenta")
+            n_boxes += len(found)
+            said = (f"{len(found)} box{'es' * (len(found) != 1)}" if found else
+                    _shown(p, t) if not t or p.startswith("detect ") else "no boxes: not a detection answer")
+            _framed(ax, f"{Path(im_path).name}: {p}\n-> {said}")
         _save_figure(fig, boxes, dpi=100); plt.close(fig)
-        print(f"boxes drawn to {boxes}")
-    if masks is not None: _draw_mask_answers(images, texts, codec, masks)
+        print(f"{n_boxes} box{'es' * (n_boxes != 1)} drawn to {boxes}" if n_boxes else
+              f"no boxes in the answer{'s' * (len(texts) > 1)}: {boxes} shows the image{'s' * (len(texts) > 1)} alone")
+    if masks is not None: _draw_mask_answers(images, texts, codec, masks, args.image, prompts)
     return texts
 
-def _draw_mask_answers(images, texts, codec, out: Path):
+def _draw_mask_answers(images, texts, codec, out: Path, names=None, prompts=None):
     "Decode each answer's masks with `codec` and draw them over its image into `out`; say which answers were unreadable."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from paligemma_edu.segmentation import draw_segments
-    fig, axs = plt.subplots(1, len(images), figsize=(3 * len(images), 3.2), squeeze=False)
+    names, prompts = names or [f"image {k + 1}" for k in range(len(images))], prompts or [""] * len(images)
+    fig, axs = plt.subplots(1, len(images), figsize=(3 * len(images), 3.3), squeeze=False)
     unreadable = []
     for k, (ax, im, t) in enumerate(zip(axs[0], images, texts)):
-        try: found, title = codec.decode_segmentation(t, im.size[::-1]), None
+        try: found, said = codec.decode_segmentation(t, im.size[::-1]), None
         except ValueError as e:
-            found, title = [], "not a segment answer"
+            found, said = [], "not a segment answer"
             unreadable.append(f"answer {k + 1}: {e}")
         draw_segments(im, found, ax=ax)
-        ax.set_title(title or f"{len(found)} mask{'s' * (len(found) != 1)}", fontsize=8)
+        said = said or (f"{len(found)} mask{'s' * (len(found) != 1)}" if found else _shown(prompts[k], t))
+        _framed(ax, f"{Path(names[k]).name}: {prompts[k]}\n-> {said}")
     _save_figure(fig, out, dpi=100); plt.close(fig)
     print(f"masks drawn to {out}" + (f" ({len(unreadable)} answer(s) could not be read as masks: "
                                      f"{'; '.join(unreadable)})" if unreadable else ""))
@@ -149,15 +173,26 @@ def cmd_demo(args):
     return answers
 
 # %% ../nbs/22_cli.ipynb #9cc9a0fe
+def _progress_line(rec: dict, totals: dict) -> str:
+    "A plain line for one evaluation record of `train`: the stage, the step of its total, minutes, what is left, metrics."
+    stage, step, sec = rec.get("stage", "answers"), rec["step"], rec.get("time", 0.0)
+    n = totals.get(stage)
+    left = f", about {sec / step * (n - step) / 60:.1f} min left in this stage" if n and step < n else ""
+    shown = {k: v for k, v in rec.items() if k not in ("stage", "step", "lr", "grad_norm", "time") and isinstance(v, float)}
+    return (f"[{stage}] step {step}{f' of {n}' if n else ''}, {sec / 60:.1f} min{left}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+
 def cmd_train(args):
-    "Train the bundled model's recipe from scratch into a new folder; one JSON line per evaluation."
-    import json
+    "Train the bundled model's recipe from scratch into a new folder; a plain progress line per evaluation."
     import torch
     from tqdm import tqdm
-    from paligemma_edu.bundled import parse_recipe, train_bundled_model
+    from paligemma_edu.bundled import full_recipe, parse_recipe, train_bundled_model
     recipe = parse_recipe(args.recipe)  # before any work: a bad recipe is a one-line error
-    if args.threads: torch.set_num_threads(args.threads)
-    log = lambda rec: tqdm.write(json.dumps(rec)) if {"eval_loss", "shape_acc", "mean_iou"} & set(rec) else None
+    torch.set_num_threads(args.threads)
+    r = full_recipe(recipe | ({"steps": args.steps} if args.steps else {}))
+    totals = {"codec": r["codec"]["steps"], "vision": r["vision_pretrain_steps"], "answers": r["steps"]}
+    log = lambda rec: (tqdm.write(_progress_line(rec, totals))
+                       if {"eval_loss", "shape_acc", "mean_iou"} & set(rec) else None)
     train_bundled_model(args.out, steps=args.steps, seed=args.seed, recipe=recipe, device=args.device, on_log=log,
                         overwrite=args.overwrite)
     print(f"model written to {args.out}")
@@ -165,7 +200,10 @@ def cmd_train(args):
 def cmd_evaluate(args):
     "Per-task accuracy of a checkpoint on held-out scenes (the numbers the README reports)."
     import json
-    from paligemma_edu.bundled import evaluate_checkpoint
+    from paligemma_edu.bundled import bundled_model_path, evaluate_checkpoint
+    if args.save and args.model is None:  # never rewrite the record inside the installed package by default
+        raise ValueError("--save writes eval.json and attention.json into the model's folder: name that folder with "
+                         f"--model (for the bundled model's own record, --model {bundled_model_path()})")
     res = evaluate_checkpoint(_model_folder(args.model), n_per_task=args.n, write=args.save)
     print(json.dumps(res["metrics"], indent=1))
     return res
@@ -258,6 +296,59 @@ def _add_finetune_parser(sub, common):
     f.set_defaults(func=cmd_finetune)
     return f
 
+# %% ../nbs/22_cli.ipynb #fda0d8da
+WORLD = """The bundled shapes model (the default --model) knows one small world: 64 x 64-pixel images (others are
+resized to that) on a light background (white, grey, beige or pale blue), with one to three shapes, at most one
+of each: circle, square, triangle, each red, green, blue or yellow. It was trained on these prompts and no others:
+  caption en
+  detect SHAPE
+  segment SHAPE
+  answer en what color is the SHAPE?
+  answer en how many shapes are there?
+  answer en what shapes are COLOR?
+with SHAPE one of circle, square, triangle and COLOR one of red, green, blue, yellow, in lower case as written.
+Outside that world its answers are guesses. `paligemma-edu scene --seed N --out scene.png` draws an image of it."""
+
+def _warn_untrained_prompts(folder: Path, prompts) -> list:
+    "One warning line on stderr when a shapes model (history.json with a recipe) gets prompts it was not trained on."
+    import json
+    hist = folder / "history.json"
+    if not hist.is_file() or "task_weights" not in json.loads(hist.read_text()).get("recipe", {}): return []
+    from paligemma_edu.shapes import task_prompts
+    known = set(task_prompts())
+    bad = [p for p in dict.fromkeys(prompts) if p not in known]
+    if bad:
+        print(f"warning: {', '.join(map(repr, bad))} {'is' if len(bad) == 1 else 'are'} not among the prompts this shapes "
+              "model was trained on, so expect a guess (the prompts it knows: paligemma-edu generate --help)", file=sys.stderr)
+    return bad
+
+SCENE_TYPES = (".png", ".jpg", ".jpeg")
+
+def cmd_scene(args):
+    "Draw one scene of the shapes world into a plain image file and say what it shows."
+    from paligemma_edu.core import StagedFolder
+    from paligemma_edu.shapes import caption, make_scene
+    if Path(args.out).suffix.lower() not in SCENE_TYPES:
+        raise ValueError(f"--out needs an image file name ending in {', '.join(SCENE_TYPES)}; found {args.out!r}")
+    out = _figure_path(args.out, "--out")
+    image, scene = make_scene(args.seed, image_size=args.size)
+    with StagedFolder(out.parent) as st:
+        image.save(st.path(out.name), format="PNG" if out.suffix.lower() == ".png" else "JPEG")
+        st.commit()
+    print(f"{out}: scene {args.seed}, {args.size} x {args.size} pixels, {scene.background} background: {caption(scene)} "
+          f"(left to right)")
+    print(f"ask about it, e.g.: paligemma-edu generate --image {out} --prompt \"detect {scene.objects[0].shape}\"")
+    return scene
+
+def _add_scene_parser(sub, common):
+    "The `scene` command's parser."
+    s = sub.add_parser("scene", parents=[common], help="draw a scene of the shapes world into an image file",
+                       description="Draw a scene of the shapes world (the bundled model's) into a .png or .jpg file.")
+    s.add_argument("--seed", type=int, default=7, help="which scene (any integer; the same seed draws the same scene)")
+    s.add_argument("--out", default="scene.png", help="image file to write (.png, .jpg)")
+    s.add_argument("--size", type=_positive_int, default=64, help="side in pixels (the bundled model's world: 64)")
+    s.set_defaults(func=cmd_scene)
+
 # %% ../nbs/22_cli.ipynb #d5c4d220
 def _positive_int(text: str) -> int:
     "argparse type: an integer >= 1."
@@ -271,12 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
-    p = argparse.ArgumentParser(prog="paligemma-edu", description="PaliGemma from scratch: run, demo, train and evaluate.",
-                                parents=[common])
+    p = argparse.ArgumentParser(prog="paligemma-edu", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="PaliGemma from scratch: run, demo, train, fine-tune and evaluate.\n\n" + WORLD)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", parents=[common], help="answer prompts about images",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Answer a prompt about one or more images, e.g. --prompt 'caption en', "
-                                   "'detect triangle', 'answer en what color is the circle?'.")
+                                   "'detect triangle',\n'answer en what color is the circle?'.\n\n" + WORLD)
     g.add_argument("--model", help="checkpoint folder in HF layout (default: the bundled shapes model)")
     g.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     g.add_argument("--prompt", action="append", required=True, help="prompt (one for all images, or one per image)")
@@ -307,12 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo.png", help="picture to write (.png, .jpg, .pdf, .svg)")
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)
+    _add_scene_parser(sub, common)
     t = sub.add_parser("train", parents=[common], help="train the shapes model from scratch")
     t.add_argument("--out", required=True, help="folder to write the checkpoint to")
     t.add_argument("--steps", type=_positive_int, default=None, help="steps of the answer stage (default: the bundled model's; "
                    "the vision stage has vision_pretrain_steps in --recipe)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2, as in the shipped run: "
+                   "the thread count can change how sums are split, and so the trained model)")
     t.add_argument("--device", default=None, help="train on this device (default cpu), e.g. cuda")
     t.add_argument("--recipe", default=None, metavar="JSON", help="overrides of the bundled recipe, e.g. '{\"lr\": 0.001}'")
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once training finished)")
@@ -320,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", parents=[common], help="accuracy of a shapes model on held-out scenes")
     e.add_argument("--model", help="checkpoint folder (default: bundled)")
     e.add_argument("--n", type=_positive_int, default=500, help="held-out scenes per task")
-    e.add_argument("--save", action="store_true", help="also write the metrics to MODEL/eval.json")
+    e.add_argument("--save", action="store_true", help="also write the metrics to MODEL/eval.json (and the "
+                   "attention report to MODEL/attention.json); needs --model")
     e.set_defaults(func=cmd_evaluate)
     _add_finetune_parser(sub, common)
     return p

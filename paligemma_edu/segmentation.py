@@ -30,7 +30,7 @@ from .train import EVAL_SEED, count_params, fit
 
 # %% auto #0
 __all__ = ['SEG_CODES', 'CODEBOOK_SIZE', 'GRID', 'MASK_SIZE', 'BIG_VISION_TRAINING_STATE', 'CODEC_SEED', 'CODEC_EVAL_SEED',
-           'CODEC_RECIPE', 'CODEC_CONFIG', 'CODEC_WEIGHTS', 'Segment', 'seg_tokens', 'segmentation_text',
+           'CODEC_RECIPE', 'CODEC_CONFIG', 'CODEC_WEIGHTS', 'MASK_COLORS', 'Segment', 'seg_tokens', 'segmentation_text',
            'parse_segmentation', 'MaskCodecConfig', 'ResBlock', 'MaskDecoder', 'MaskEncoder', 'VectorQuantizer',
            'MaskCodec', 'big_vision_names', 'big_vision_config', 'load_big_vision_codec', 'crop_to_codec',
            'codec_masks', 'codec_loss', 'codec_step_loss', 'codebook_usage', 'evaluate_codec', 'train_codec',
@@ -452,14 +452,23 @@ def pasted_iou(codec: MaskCodec, seeds, image_size: int = 64) -> dict:
     return dict(mean_iou=float(np.mean(ious)), min_iou=float(np.min(ious)), n=len(ious))
 
 # %% ../nbs/15_segmentation.ipynb #0a74a775
+MASK_COLORS = ((1.0, 0.0, 1.0), (0.0, 0.9, 0.9), (1.0, 0.5, 0.0), (0.1, 0.1, 0.1))  # none a colour of the shapes
+
+def _eroded(m: np.ndarray) -> np.ndarray:
+    "A boolean mask shrunk by one pixel (4-neighbourhood)."
+    e = m.copy()
+    e[1:] &= m[:-1]; e[:-1] &= m[1:]; e[:, 1:] &= m[:, :-1]; e[:, :-1] &= m[:, 1:]
+    return e
+
 def draw_masks(image, masks, labels=None, ax=None, alpha: float = 0.55):
     "Show `image` with boolean masks (H, W) laid over it in distinct colours (and their labels); returns the axes."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(2.5, 2.5), dpi=75)
     ax.imshow(np.asarray(image))
     for i, m in enumerate(masks):
-        color = plt.cm.tab10(i % 10)
-        rgba = np.zeros((*np.shape(m), 4)); rgba[np.asarray(m, bool)] = (*color[:3], alpha)
+        color, m = MASK_COLORS[i % len(MASK_COLORS)], np.asarray(m, bool)
+        edge = m & ~_eroded(m)                                              # the mask's outline, drawn opaque
+        rgba = np.zeros((*m.shape, 4)); rgba[m] = (*color, alpha); rgba[edge] = (*color, 1.0)
         ax.imshow(rgba, interpolation="nearest")
         if labels and labels[i] and np.any(m):
             ys, xs = np.nonzero(m)

@@ -16,8 +16,9 @@ from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections, draw_box
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'ShapeObject', 'Scene', 'sample_scene', 'render_scene',
            'make_scene', 'scene_masks', 'object_masks', 'box_iou', 'mask_iou', 'caption', 'shapes_of_color',
-           'detect_answer', 'task_kind', 'available_tasks', 'check_tasks', 'scene_tasks', 'make_example',
-           'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score', 'evaluate', 'task_texts']
+           'detect_answer', 'task_kind', 'available_tasks', 'check_tasks', 'scene_tasks', 'task_prompts',
+           'make_example', 'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score', 'evaluate',
+           'task_texts']
 
 # %% ../nbs/13_shapes.ipynb #024fc4bc
 SHAPES = ("circle", "square", "triangle")
@@ -222,6 +223,17 @@ def scene_tasks(scene: Scene, rng=None, tasks=None, codec=None) -> list:
         out += [(f"answer en what shapes are {c}?", shapes_of_color(scene, c)) for c in colors]
     if "segment" in tasks: out += [(f"segment {s}", codec.segment_answer(scene, s)) for s in asked]
     return out
+
+# %% ../nbs/13_shapes.ipynb #f4ce5986
+def task_prompts(tasks=TASKS) -> list:
+    "Every prompt of the shapes tasks `tasks`, in task order: the only prompts a shapes model is trained on."
+    bad = set(tasks) - set(TASKS)
+    if bad: raise ValueError(f"unknown tasks {sorted(bad)}; expected a subset of {TASKS}")
+    per_task = {"caption": ["caption en"], "detect": [f"detect {s}" for s in SHAPES],
+                "color": [f"answer en what color is the {s}?" for s in SHAPES],
+                "count": ["answer en how many shapes are there?"],
+                "shape": [f"answer en what shapes are {c}?" for c in COLORS], "segment": [f"segment {s}" for s in SHAPES]}
+    return [p for t in tasks for p in per_task[t]]
 
 # %% ../nbs/13_shapes.ipynb #7d2a98e5
 def make_example(seed: int, task: str | None = None, image_size: int = 64, max_objects: int = 3,

@@ -222,7 +222,7 @@ def plot_patch_attention(attentions, image, patch: int, layers=(0,), heads=(0, 1
         for j, h in enumerate(heads):
             w, hgt = im.size
             axs[i, j].imshow(im)
-            axs[i, j].imshow(a[h, patch].reshape(g, g), cmap="magma", alpha=0.6, extent=(0, w, hgt, 0))
+            axs[i, j].imshow(a[h, patch].reshape(g, g).cpu().numpy(), cmap="magma", alpha=0.6, extent=(0, w, hgt, 0))
             axs[i, j].add_patch(plt.Rectangle((c * w / g, r * hgt / g), w / g, hgt / g, fill=False, ec="cyan", lw=1))
             axs[i, j].set_axis_off(); axs[i, j].set_title(f"layer {l} head {h}", fontsize=8)
     return axs

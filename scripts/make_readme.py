@@ -1,7 +1,8 @@
 """Write README.md from nbs/index.ipynb (the front page), or check that they agree.
 
 Quarto (nbdev_readme) is not used: this keeps the two in sync with no extra tool. Markdown cells are copied, code
-cells become ```python blocks (cells starting with `#| hide` are skipped), image links are rewritten relative to the
+cells become ```python blocks (cells starting with `#| hide` are skipped) followed by their stored result (the
+`execute_result` text, as Jupyter shows it) in a plain ``` block, image links are rewritten relative to the
 repository root. A cell flagged `#| output: asis` is run (after the `#| hide` cells) and what it prints is copied as
 markdown: that is how numbers read from result files reach the README. Usage: python scripts/make_readme.py [--check]
 """
@@ -33,6 +34,8 @@ def render(nb_path=ROOT / "nbs" / "index.ipynb") -> str:
             parts.append(out.getvalue().strip())
         elif c["cell_type"] == "code":
             parts.append("```python\n" + src + "\n```")
+            shown = [o["data"]["text/plain"] for o in c.get("outputs", []) if o.get("output_type") == "execute_result"]
+            if shown: parts.append("```\n" + "".join(shown[-1]).strip() + "\n```")
     return HEADER + "\n\n".join(parts) + "\n"
 
 

@@ -32,3 +32,19 @@ def test_run_quick_writes_table(tmp_path):
     assert "| decode, batch 1 (tok/s) |" in table and "| prefill latency, batch 1 (ms) |" in table
     assert (tmp_path / "decode_vs_length.png").exists() and (tmp_path / "speedups.png").exists()
     assert set(json.loads((tmp_path / "results.json").read_text())["sizes"]) == {"tiny"}
+
+
+def test_results_go_to_a_new_folder_unless_named():
+    "Without --out a run writes to a fresh benchmarks/runs/<time> folder; the committed results only when named."
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as bench
+    a, committed = bench.new_run_folder(), ROOT / "benchmarks" / "results"
+    assert a.parent == ROOT / "benchmarks" / "runs" and not a.exists()
+    a.mkdir(parents=True)
+    try: assert bench.new_run_folder() != a      # a second run in the same second gets its own folder
+    finally: a.rmdir()
+    for script in ("run.py", "quantization.py"):
+        r = subprocess.run([sys.executable, f"benchmarks/{script}", "--report-only"], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "name it with --out" in r.stderr
+    assert committed.is_dir()

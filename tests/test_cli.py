@@ -127,3 +127,38 @@ def test_argument_errors_and_debug_anywhere(checkpoint, tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
     r = run("generate", "--image", str(checkpoint / "scene.png"), "--prompt", "caption en", "--boxes", str(tmp_path / "x"))
     assert r.returncode == 2 and not any(tmp_path.iterdir())  # neither x nor x.png
+
+
+def test_scene_world_warnings_and_empty_answers(checkpoint, tmp_path, capsys):
+    "scene saves a plain image and says what is in it; untrained prompts get one warning line; absent shapes say so."
+    from PIL import Image
+    scene_png = tmp_path / "scene.png"
+    assert main(["scene", "--seed", "7", "--out", str(scene_png)]) == 0
+    assert "a yellow triangle and a green square" in capsys.readouterr().out
+    assert Image.open(scene_png).size == (64, 64) and [p.name for p in tmp_path.iterdir()] == ["scene.png"]
+    assert main(["generate", "--image", str(scene_png), "--prompt", "detect Circle"]) == 0      # answered, with a warning
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "'detect Circle' is not among the prompts" in err
+    assert main(["generate", "--image", str(scene_png), "--prompt", "detect circle"]) == 0
+    got = capsys.readouterr()
+    assert got.out == "no circle found\n" and got.err == ""
+    assert main(["generate", "--image", str(scene_png), "--image", str(scene_png), "--prompt", "caption en",
+                 "--boxes", str(tmp_path / "b.png")]) == 0
+    assert "no boxes in the answers" in capsys.readouterr().out and (tmp_path / "b.png").exists()
+    # a checkpoint without a training record (not a shapes model trained by `train`) gets no warning
+    assert main(["generate", "--model", str(checkpoint / "model"), "--image", str(scene_png), "--prompt", "what is this",
+                 "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_help_states_the_world_and_evaluate_save_needs_model(checkpoint, tmp_path, capsys):
+    for argv in (["--help"], ["generate", "--help"]):
+        with pytest.raises(SystemExit): main(argv)
+        text = capsys.readouterr().out
+        assert "64 x 64" in text and "answer en what shapes are COLOR?" in text and "red, green, blue, yellow" in text
+    assert main(["evaluate", "--save", "--n", "1"]) == 2                       # never into the installed package unasked
+    assert "name that folder with --model" in capsys.readouterr().err
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint / "model", folder)
+    assert main(["evaluate", "--model", str(folder), "--save", "--n", "1"]) == 0
+    assert (folder / "eval.json").exists() and (folder / "attention.json").exists()

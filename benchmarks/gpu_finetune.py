@@ -25,21 +25,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from run import _pg, _text, full_config  # noqa: E402
+from run import full_config  # noqa: E402
+from gpu_check import sync, tiny_config  # noqa: E402  (the same tiny model and device sync as the decode check)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXT = 16  # prompt tokens and answer tokens
-
-
-def tiny_config() -> dict:
-    v = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, image_size=28, patch_size=7, num_channels=3, layer_norm_eps=1e-6,
-             attention_dropout=0.0, hidden_act="gelu_pytorch_tanh", vision_use_head=False, projection_dim=48)
-    return _pg(v, _text(300, 48, 96, 2, 4, 1, 16, 256), 299, "tiny")
-
-
-def sync(dev):
-    if dev.type == "cuda": torch.cuda.synchronize()
 
 
 def build_weights(cfg: dict, folder: Path, dev):

@@ -72,3 +72,20 @@ def small_shapes_model(processor):
     cfg = make_tiny_config(len(tok), tok.image_token_id, patch_size=patch, vision_width=32, vision_layers=1,
                            vision_heads=1, text_width=32, text_layers=1, text_heads=2, head_dim=16)
     return init_weights(PaliGemmaForConditionalGeneration(cfg), seed=0)
+
+
+def labelled_batch(prefix_lens=(3, 6), suffix_lens=(4, 2), seed=0, image_token=299, n_image=16):
+    "Left-padded rows <image>*n_image <bos> prefix \\n suffix <eos> (tiny config): ids, mask, token types, suffix labels, pixels."
+    g = torch.Generator().manual_seed(seed)
+    rows, types = [], []
+    for p, s in zip(prefix_lens, suffix_lens):
+        pre = [image_token] * n_image + [2] + torch.randint(3, 290, (p,), generator=g).tolist() + [108]
+        suf = torch.randint(3, 290, (s,), generator=g).tolist() + [1]
+        rows.append(pre + suf); types.append([0] * len(pre) + [1] * len(suf))
+    L = max(map(len, rows))
+    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    tt = torch.tensor([[0] * (L - len(t)) + t for t in types])
+    labels = ids.masked_fill((tt == 0) | (mask == 0), -100)
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels,
+                pixel_values=torch.randn(len(rows), 3, 28, 28, generator=g))

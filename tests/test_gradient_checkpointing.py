@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_paligemma_config_dict
+from conftest import labelled_batch, tiny_paligemma_config_dict
 from paligemma_edu.gemma import GemmaConfig, GemmaForCausalLM
 from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -20,19 +20,9 @@ def paligemma(seed=0, **text):
 
 
 def batch(seed=0):
-    "Two left-padded rows <image>*N <bos> prefix \\n suffix <eos>, with token types, labels and pixels."
-    g = torch.Generator().manual_seed(seed)
-    rows, types = [], []
-    for p, s in ((3, 4), (6, 2)):
-        pre = [IMG] * N + [2] + torch.randint(3, 290, (p,), generator=g).tolist() + [108]
-        suf = torch.randint(3, 290, (s,), generator=g).tolist() + [1]
-        rows.append(pre + suf); types.append([0] * len(pre) + [1] * len(suf))
-    L = max(map(len, rows))
-    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
-    tt = torch.tensor([[0] * (L - len(t)) + t for t in types])
-    labels = ids.masked_fill((tt == 0) | (mask == 0), -100)
-    return ids, torch.randn(2, 3, 28, 28, generator=g), mask, tt, labels
+    "Two left-padded rows with token types, labels and pixels, as a tuple (ids, pixels, mask, token types, labels)."
+    b = labelled_batch(seed=seed, image_token=IMG, n_image=N)
+    return b["input_ids"], b["pixel_values"], b["attention_mask"], b["token_type_ids"], b["labels"]
 
 
 def step(model, checkpointing: bool, data):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration as HFPaliGemma
 
-from conftest import tiny_hf_paligemma
+from conftest import labelled_batch, tiny_hf_paligemma
 from paligemma_edu.lora import (LORA_TARGETS, LoRALinear, add_lora, hf_module_name, is_adapter_folder, load_adapted,
                                 load_adapter, lora_layers, lora_state_dict, merge_lora, parameter_counts, save_adapter)
 from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
@@ -24,20 +24,8 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # ra
 
 
 def batch(prefix_lens=(3, 6), suffix_lens=(4, 2), seed=0):
-    "Left-padded rows <image>*N <bos> prefix \\n suffix, with token types, labels on the suffix, and pixels."
-    g = torch.Generator().manual_seed(seed)
-    rows, types = [], []
-    for p, s in zip(prefix_lens, suffix_lens):
-        pre = [IMG] * N + [2] + torch.randint(3, 290, (p,), generator=g).tolist() + [108]
-        suf = torch.randint(3, 290, (s,), generator=g).tolist() + [1]
-        rows.append(pre + suf); types.append([0] * len(pre) + [1] * len(suf))
-    L = max(map(len, rows))
-    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
-    tt = torch.tensor([[0] * (L - len(t)) + t for t in types])
-    labels = ids.masked_fill((tt == 0) | (mask == 0), -100)
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels,
-                pixel_values=torch.randn(len(rows), 3, 28, 28, generator=g))
+    "Left-padded rows of the tiny config with token types, labels on the suffix, and pixels."
+    return labelled_batch(prefix_lens, suffix_lens, seed, IMG, N)
 
 
 B = batch()

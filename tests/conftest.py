@@ -89,3 +89,15 @@ def labelled_batch(prefix_lens=(3, 6), suffix_lens=(4, 2), seed=0, image_token=2
     labels = ids.masked_fill((tt == 0) | (mask == 0), -100)
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt, labels=labels,
                 pixel_values=torch.randn(len(rows), 3, 28, 28, generator=g))
+
+
+def max_logit_gap_to_transformers(folder, batch) -> float:
+    "Largest |ours - transformers| of the logits of a saved folder on a left-padded processor batch (labels dropped)."
+    from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+    ours = PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
+    theirs = HFPaliGemma.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        hf_positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0) + 1  # ours on a left-padded batch
+        a, b = ours(**batch).logits, theirs(**batch, position_ids=hf_positions).logits
+    return (a - b).abs().max().item()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import max_logit_gap_to_transformers
 from paligemma_edu.finetune import FinetuneSettings, JsonlDataset, finetune, read_jsonl
 from paligemma_edu.train import make_batch
 from test_finetune import bundled, data, tiny_base  # noqa: F401  (the same tiny model and JSONL files)
@@ -99,17 +100,9 @@ def test_two_processes_equal_one(tmp_path, data, tiny_base, one_process, bundled
         assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
         assert all("lora_" in k for k in trained)
         return
-    from transformers import PaliGemmaForConditionalGeneration as HFPaliGemma
-    from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
-    ours = PaliGemmaForConditionalGeneration.from_pretrained(out).eval()
-    theirs = HFPaliGemma.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
     _, processor = bundled
     batch = make_batch(processor, [JsonlDataset(read_jsonl(data / "val.jsonl"))[i] for i in range(2)])
-    batch.pop("labels")
-    with torch.no_grad():
-        hf_positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0) + 1  # ours on a left-padded batch
-        a, b = ours(**batch).logits, theirs(**batch, position_ids=hf_positions).logits
-    assert (a - b).abs().max() <= 1e-4
+    assert max_logit_gap_to_transformers(out, batch) <= 1e-4
     assert not (out / "checkpoint").exists()
 
 

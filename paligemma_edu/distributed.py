@@ -139,7 +139,8 @@ class Health:
         self._stop = threading.Event()
         self.store.set(f"progress/{rank}", "0")
         self._beat()
-        threading.Thread(target=self._beating, daemon=True).start()
+        self._thread = threading.Thread(target=self._beating, daemon=True)
+        self._thread.start()
 
     def _beat(self): self.store.set(f"beat/{self.rank}", repr(time.time()))
     def _beating(self):
@@ -176,7 +177,11 @@ class Health:
         return "; ".join(f"rank {r} is alive but behind (micro-batch {done.get(r, 0)}; the others at {top})"
                          for r in range(self.world) if done.get(r, 0) < top)
 
-    def stop(self): self._stop.set()
+    def stop(self):
+        """End the heartbeat and wait for its thread: a daemon thread still inside the store's C++ code when the
+        interpreter exits aborts the process ('terminate called without an active exception')."""
+        self._stop.set()
+        self._thread.join(timeout=15)
 
 # %% ../nbs/26_distributed.ipynb #c75ad875
 class FSDPRun(OneProcess):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 import torch.nn.functional as F
-from .siglip import dot_product_attention
+from .attention_kernels import dot_product_attention
 
 # %% auto #0
 __all__ = ['repeat_kv', 'gqa_attention', 'kv_bytes_per_token', 'attention_mask_bool', 'mask_to_bias', 'plot_mask']

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .core import model_device
 from .paligemma import PaliGemmaForConditionalGeneration
-from .generate import draw_boxes, image_hw
+from .processor import draw_boxes, image_hw
 from .images import load_image
 from .siglip import plot_patch_attention
 from .shapes import make_scene

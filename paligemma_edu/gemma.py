@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .rmsnorm import GemmaRMSNorm
 from .rope import RotaryEmbedding, apply_rope
-from .siglip import soft_cap
+from .attention_kernels import soft_cap
 from .attention import gqa_attention, attention_mask_bool, mask_to_bias
 from .kv_cache import KVCache
 

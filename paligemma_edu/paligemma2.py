@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .paligemma import PaliGemmaConfig
-from .siglip import soft_cap
+from .attention_kernels import soft_cap
 
 # %% auto #0
 __all__ = ['PALIGEMMA2_SIZES', 'plot_softcap', 'paligemma2_config', 'paligemma2_3b_config']

@@ -18,16 +18,55 @@ import torch
 from .core import StagedFolder, read_json, reading, verified
 
 # %% auto #0
-__all__ = ['IMAGE_TOKEN', 'LOC_TOKENS', 'SEG_TOKENS', 'SPECIAL_TOKENS', 'build_paligemma_tokenizer', 'PaliGemmaTokenizer',
-           'ProcessorOutput', 'PaliGemmaProcessor', 'plot_token_layout']
+__all__ = ['IMAGE_TOKEN', 'LOC_BINS', 'LOC_TOKENS', 'SEG_TOKENS', 'SPECIAL_TOKENS', 'image_hw', 'loc_tokens', 'parse_detections',
+           'draw_boxes', 'build_paligemma_tokenizer', 'PaliGemmaTokenizer', 'ProcessorOutput', 'PaliGemmaProcessor',
+           'plot_token_layout']
 
 # %% ../nbs/10_processor.ipynb #e3a0a8da
 IMAGE_TOKEN = "<image>"
-LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
-SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
+LOC_BINS = 1024  # <loc0000> .. <loc1023>: a coordinate quantised into 1024 bins
+LOC_TOKENS = [f"<loc{i:04d}>" for i in range(LOC_BINS)]
+SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]  # <seg000> .. <seg127>: the mask codec's codebook
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
 # Any of these written in a text becomes one token (none is a prefix of another, so the order does not matter).
 _SPECIAL_RE = re.compile(r"(<pad>|<eos>|<bos>|<unk>|<image>|<loc\d{4}>|<seg\d{3}>)")
+
+# %% ../nbs/10_processor.ipynb #ef4ff237
+_DET_RE = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*([^;<]*)")
+
+def image_hw(image_size) -> tuple:
+    "(height, width) from an int side or a (height, width) pair."
+    if isinstance(image_size, (int, np.integer)): return int(image_size), int(image_size)
+    if isinstance(image_size, (tuple, list)) and len(image_size) == 2: return int(image_size[0]), int(image_size[1])
+    raise TypeError(f"expected image_size as an int or a (height, width) pair, found {image_size!r}")
+
+def loc_tokens(box, image_size) -> str:
+    "The four PaliGemma location tokens of a pixel box (y_min, x_min, y_max, x_max)."
+    if len(box) != 4: raise ValueError(f"expected a box (y_min, x_min, y_max, x_max), found {box!r}")
+    H, W = image_hw(image_size)
+    bins = [min(max(int(round(v / s * LOC_BINS)), 0), LOC_BINS - 1) for v, s in zip(box, (H, W, H, W))]
+    return "".join(f"<loc{b:04d}>" for b in bins)
+
+def parse_detections(text: str, image_size) -> list:
+    "Parse `<loc..>x4 label ; ...` into [((y0, x0, y1, x1) in pixels, label)]; malformed pieces are skipped."
+    H, W = image_hw(image_size)
+    out = []
+    for m in _DET_RE.finditer(text):
+        y0, x0, y1, x1 = (int(g) / LOC_BINS * s for g, s in zip(m.groups()[:4], (H, W, H, W)))
+        out.append(((y0, x0, y1, x1), m.group(5).strip()))
+    return out
+
+def draw_boxes(image, boxes_with_labels, ax=None, color="black"):
+    "Show `image` with pixel boxes [((y0, x0, y1, x1), label)] drawn on it; returns the axes."
+    import matplotlib.pyplot as plt
+    if ax is None: _, ax = plt.subplots(figsize=(2.5, 2.5), dpi=75)
+    ax.imshow(image)
+    for (y0, x0, y1, x1), label in boxes_with_labels:
+        # a box covers pixel rows y0..y1-1, whose edges sit at y0-0.5 and y1-0.5 in imshow coordinates
+        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.5, ec=color))
+        if label: ax.text(x0 - 0.5, y0 - 1.5, label, fontsize=7, color=color, va="bottom")
+    ax.set_axis_off()
+    return ax
 
 # %% ../nbs/10_processor.ipynb #2b13a9b5
 def _train_spm(texts: Iterable[str], vocab_size: int, seed: int) -> bytes:

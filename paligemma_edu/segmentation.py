@@ -23,8 +23,7 @@ from torch import nn
 from .checkpoints import read_npz
 from .checkpoints import check_state_dict, read_safetensors
 from .core import StagedFolder, evaluating, model_device, pick_device, pick_dtype, read_json, reading
-from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections
-from .processor import SEG_TOKENS
+from .processor import LOC_BINS, SEG_TOKENS, image_hw, loc_tokens, parse_detections
 from .shapes import Scene, mask_iou, object_masks, sample_scene
 from .train import EVAL_SEED, count_params, fit
 

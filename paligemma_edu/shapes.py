@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .generate import LOC_BINS, image_hw, loc_tokens, parse_detections, draw_boxes
+from .processor import LOC_BINS, image_hw, loc_tokens, parse_detections, draw_boxes
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'ShapeObject', 'Scene', 'sample_scene', 'render_scene',

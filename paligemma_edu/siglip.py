@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention_kernels import dot_product_attention, soft_cap  # noqa: F401 (soft_cap: the name's old home)
 from .images import load_image
 
 # %% auto #0
-__all__ = ['SiglipVisionConfig', 'soft_cap', 'dot_product_attention', 'SiglipVisionEmbeddings', 'SiglipAttention', 'SiglipMLP',
-           'SiglipEncoderLayer', 'SiglipVisionOutput', 'SiglipEncoder', 'SiglipVisionModel', 'plot_patch_attention']
+__all__ = ['SiglipVisionConfig', 'SiglipVisionEmbeddings', 'SiglipAttention', 'SiglipMLP', 'SiglipEncoderLayer',
+           'SiglipVisionOutput', 'SiglipEncoder', 'SiglipVisionModel', 'plot_patch_attention']
 
 # %% ../nbs/03_siglip.ipynb #dbb8d0a3
 _gelu_tanh = lambda x: F.gelu(x, approximate="tanh")
@@ -68,26 +69,6 @@ class SiglipVisionConfig:
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
     def to_dict(self) -> dict: return asdict(self)
-
-# %% ../nbs/03_siglip.ipynb #d16b3a1d
-def soft_cap(z: torch.Tensor, cap: float) -> torch.Tensor:
-    "c * tanh(z / c): the identity near 0, bounded by +-cap."
-    return torch.tanh(z / cap) * cap
-
-def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                          scale: float | None = None, softcap: float | None = None, output_probs: bool = False):
-    "Attention of q (B, H, T, Dh) over k, v (B, H, S, Dh) with an additive mask; returns (out, probs or None)."
-    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q (B, H, T, Dh) and k, v (B, H, S, Dh); found q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not (output_probs or softcap):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
-    scores = (q @ k.transpose(-1, -2)) * scale                               # (B, H, T, S)
-    if softcap: scores = soft_cap(scores, softcap)
-    if mask is not None: scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, T, S)
-    return probs @ v, probs                                                   # (B, H, T, Dh)
 
 # %% ../nbs/03_siglip.ipynb #2a31be10
 class SiglipVisionEmbeddings(nn.Module):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from paligemma_edu import PaliGemmaForConditionalGeneration as Model, PaliGemmaProcessor
-from paligemma_edu.siglip import soft_cap
+from paligemma_edu.attention_kernels import soft_cap
 
 FIXTURES = Path(__file__).parent / "fixtures" / "v457"
 NAMES = ["pg1-fast", "pg2-slow"]

@@ -12,8 +12,8 @@ from transformers import SiglipImageProcessorPil
 from paligemma_edu.core import compare_layers, seed_everything
 from paligemma_edu.images import SiglipImageProcessor, load_image, make_demo_image, to_pil
 from paligemma_edu.patch_embedding import patchify
-from paligemma_edu.siglip import (SiglipVisionConfig, SiglipVisionModel, SiglipVisionOutput,
-                                  dot_product_attention)
+from paligemma_edu.attention_kernels import dot_product_attention
+from paligemma_edu.siglip import SiglipVisionConfig, SiglipVisionModel, SiglipVisionOutput
 
 ATOL = 1e-5
 

@@ -24,15 +24,15 @@ from .processor import PaliGemmaProcessor
 from .generate import answer
 from .attention_maps import attention_report
 from .shapes import COLORS, SHAPES, TASKS, ShapesDataset, make_scene, scene_masks, show_example, task_kind
-from .segmentation import CODEC_CONFIG, CODEC_RECIPE, draw_segments, load_codec, train_mask_codec
+from .segmentation import CODEC_CONFIG, CODEC_RECIPE, MaskCodec, draw_segments, load_codec, train_mask_codec
 from .train import (EVAL_SEED, TRAIN_SEED, count_params, evaluate_model, fit, held_out_set, init_weights,
                                  make_shapes_processor, make_tiny_config, quick_accuracy, train)
 
 # %% auto #0
 __all__ = ['VISION_SEED', 'BUNDLED_RECIPE', 'PixelLabelHead', 'pixel_label_batch', 'pixel_accuracy', 'pretrain_vision',
            'show_pixel_labels', 'check_recipe', 'full_recipe', 'parse_recipe', 'train_bundled_model',
-           'bundled_model_path', 'load_bundled_model', 'evaluate_checkpoint', 'results_table', 'model_card',
-           'show_answers']
+           'bundled_model_path', 'load_bundled_model', 'load_mask_codec', 'evaluate_checkpoint', 'results_table',
+           'model_card', 'show_answers']
 
 # %% ../nbs/17_bundled_model.ipynb #0be2fc41
 class PixelLabelHead(torch.nn.Module):
@@ -258,6 +258,10 @@ def load_bundled_model(dtype=None, device=None):
     "(model, processor) of the bundled shapes model, in float32 on CPU by default."
     p = bundled_model_path()
     return PaliGemmaForConditionalGeneration.from_pretrained(p, dtype=dtype, device=device), PaliGemmaProcessor.from_pretrained(p)
+
+def load_mask_codec(dtype=None, device=None) -> MaskCodec:
+    "The mask codec of the bundled model (saved in its folder), float32 on CPU by default."
+    return load_codec(bundled_model_path(), dtype, device)
 
 def _shown_path(folder: Path) -> str:
     "`folder` relative to the working directory when it lies below it, else absolute."

@@ -34,8 +34,7 @@ __all__ = ['SEG_CODES', 'CODEBOOK_SIZE', 'GRID', 'MASK_SIZE', 'BIG_VISION_TRAINI
            'MaskCodec', 'big_vision_names', 'big_vision_config', 'load_big_vision_codec', 'crop_to_codec',
            'codec_masks', 'codec_loss', 'codec_step_loss', 'codebook_usage', 'evaluate_codec', 'train_codec',
            'save_codec', 'load_codec', 'torch_threads', 'train_mask_codec', 'paste_mask', 'decode_segmentation',
-           'segment_answer', 'pasted_iou', 'draw_masks', 'draw_segments', 'show_reconstructions', 'plot_codebook_usage',
-           'load_mask_codec']
+           'segment_answer', 'pasted_iou', 'draw_masks', 'draw_segments', 'show_reconstructions', 'plot_codebook_usage']
 
 # %% ../nbs/15_segmentation.ipynb #97639210
 SEG_CODES = 16                   # <seg> tokens per object: codebook indices on a 4x4 grid, row by row
@@ -502,9 +501,3 @@ def plot_codebook_usage(counts, ax=None):
     ax.set_xlabel(f"codes, most used first ({int((counts > 0).sum())} of {len(counts)} used)")
     ax.set_ylabel("share of grid cells"); ax.grid(alpha=0.3, axis="y")
     return ax
-
-# %% ../nbs/15_segmentation.ipynb #474b6ba2
-def load_mask_codec(dtype=None, device=None) -> MaskCodec:
-    "The mask codec of the bundled model (saved in its folder), float32 on CPU by default."
-    from paligemma_edu.bundled import bundled_model_path  # imported here: `bundled` builds on this module
-    return load_codec(bundled_model_path(), dtype, device)

@@ -203,7 +203,7 @@ def check_tasks(tasks, codec=None) -> tuple:
     if bad: raise ValueError(f"unknown tasks {sorted(bad)}; expected a subset of {TASKS}")
     if "segment" in tasks and codec is None:
         raise ValueError("segment answers hold the 16 codes of a mask codec: pass codec=, e.g. "
-                         "paligemma_edu.segmentation.load_mask_codec() or load_codec(<checkpoint folder>)")
+                         "paligemma_edu.bundled.load_mask_codec() or load_codec(<checkpoint folder>)")
     return tasks
 
 def scene_tasks(scene: Scene, rng=None, tasks=None, codec=None) -> list:

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from paligemma_edu.bundled import (PixelLabelHead, bundled_model_path, evaluate_checkpoint, load_bundled_model,
+from paligemma_edu.bundled import (PixelLabelHead, bundled_model_path, evaluate_checkpoint, load_bundled_model, load_mask_codec,
                                    pixel_accuracy, pixel_label_batch, pretrain_vision, train_bundled_model)
-from paligemma_edu.segmentation import CODEC_CONFIG, CODEC_WEIGHTS, load_codec, load_mask_codec
+from paligemma_edu.segmentation import CODEC_CONFIG, CODEC_WEIGHTS, load_codec
 from paligemma_edu.shapes import TASKS, make_example
 from paligemma_edu.train import EVAL_SEED, count_params, evaluate_model
 from conftest import small_shapes_model

@@ -273,7 +273,7 @@ def test_cli_full_finetune_loads_in_transformers(tmp_path, data, bundled):
 def test_scores_exact_boxes_and_masks(tmp_path):
     "Exact match, box IoU for detect prompts and mask IoU for segment prompts (the bundled mask codec)."
     from paligemma_edu.finetune import score_predictions
-    from paligemma_edu.segmentation import load_mask_codec
+    from paligemma_edu.bundled import load_mask_codec
     codec = load_mask_codec()
     image, prompt, truth, scene = make_example(11, "segment", codec=codec)
     image.save(tmp_path / "a.png")

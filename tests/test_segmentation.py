@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from paligemma_edu.bundled import load_mask_codec
 from paligemma_edu.processor import PaliGemmaTokenizer, SEG_TOKENS
 from paligemma_edu.segmentation import (BIG_VISION_TRAINING_STATE, CODEC_CONFIG, CODEC_EVAL_SEED, CODEC_WEIGHTS,
                                         MaskCodec, MaskCodecConfig, Segment, big_vision_names, codebook_usage,
                                         codec_loss, codec_masks, decode_segmentation, draw_masks,
-                                        evaluate_codec, load_big_vision_codec, load_codec, load_mask_codec,
+                                        evaluate_codec, load_big_vision_codec, load_codec,
                                         parse_segmentation, paste_mask,
                                         pasted_iou, plot_codebook_usage, save_codec, seg_tokens, segment_answer,
                                         segmentation_text, show_reconstructions, train_codec, train_mask_codec)

@@ -8,7 +8,7 @@ from paligemma_edu.shapes import (BACKGROUNDS, COLORS, LOC_BINS, NUMBER_WORDS, S
                                   ShapesDataset, available_tasks, box_iou, caption, collate_examples, detect_answer,
                                   evaluate, loc_tokens, make_example, make_scene, mask_iou, object_masks,
                                   parse_detections, sample_scene, scene_masks, scene_tasks, score, task_kind, task_texts)
-from paligemma_edu.segmentation import load_mask_codec
+from paligemma_edu.bundled import load_mask_codec
 
 SEEDS = range(60)
 

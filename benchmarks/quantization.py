@@ -150,7 +150,7 @@ def run_accuracy(a) -> dict:
     import torch
     from paligemma_edu.quantization import quantize
     from paligemma_edu.bundled import load_bundled_model, load_mask_codec
-    from paligemma_edu.train import evaluate_model
+    from paligemma_edu.shapes import evaluate_model
     torch.set_num_threads(a.threads)
     model, processor = load_bundled_model()
     codec = load_mask_codec()

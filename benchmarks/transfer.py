@@ -69,7 +69,7 @@ def old_tasks(model, processor, n: int) -> dict:
     "The bundled model's own evaluation (its held-out scenes, every task, segment with its codec) at n per task."
     from paligemma_edu.bundled import bundled_model_path
     from paligemma_edu.segmentation import load_codec
-    from paligemma_edu.train import evaluate_model
+    from paligemma_edu.shapes import evaluate_model
     return evaluate_model(model, processor, n_per_task=n, codec=load_codec(bundled_model_path()))
 
 

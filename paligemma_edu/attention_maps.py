@@ -16,15 +16,15 @@ from .paligemma import PaliGemmaForConditionalGeneration
 from .processor import draw_boxes, image_hw
 from .images import load_image
 from .siglip import plot_patch_attention
-from .shapes import make_scene
+from .shapes import ATTENTION_SEED, make_scene
 from .train import init_weights
 
 # %% auto #0
-__all__ = ['COLOR_QUESTION', 'ATTENTION_SEED', 'AnswerAttentions', 'answer_with_attentions', 'text_to_image_attention',
-           'upsample_map', 'plot_text_to_image', 'plot_text_to_image_grid', 'attention_mass_in_box',
-           'plot_vision_patch_attention', 'attention_rollout', 'plot_rollout', 'segment_boundaries',
-           'plot_attention_matrix', 'token_labels', 'answer_attention_overlay', 'triangle_scenes', 'concentration',
-           'asked_vs_triangle', 'attention_report', 'attention_summary']
+__all__ = ['COLOR_QUESTION', 'AnswerAttentions', 'answer_with_attentions', 'text_to_image_attention', 'upsample_map',
+           'plot_text_to_image', 'plot_text_to_image_grid', 'attention_mass_in_box', 'plot_vision_patch_attention',
+           'attention_rollout', 'plot_rollout', 'segment_boundaries', 'plot_attention_matrix', 'token_labels',
+           'answer_attention_overlay', 'triangle_scenes', 'concentration', 'asked_vs_triangle', 'attention_report',
+           'attention_summary']
 
 # %% ../nbs/16_attention_maps.ipynb #96f117d8
 @dataclass
@@ -223,7 +223,6 @@ def answer_attention_overlay(model, processor, image, prompt: str, max_new_token
 
 # %% ../nbs/16_attention_maps.ipynb #7d7fc12f
 COLOR_QUESTION = "answer en what color is the triangle?"
-ATTENTION_SEED = 2_050_000_000  # held-out scenes for the attention measurements
 
 def triangle_scenes(n: int, start: int = ATTENTION_SEED) -> list:
     "The first n held-out scenes (image, Scene) that contain a triangle, seeds from `start` on."

@@ -23,16 +23,17 @@ from .paligemma import PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor
 from .generate import answer
 from .attention_maps import attention_report
-from .shapes import COLORS, SHAPES, TASKS, ShapesDataset, make_scene, scene_masks, show_example, task_kind
+from .shapes import (EVAL_SEED, PIXEL_EVAL_SEED, TRAIN_EVAL_SEED, TRAIN_SEED, VISION_SEED, COLORS, SHAPES, TASKS,
+                                  ShapesDataset, evaluate_model, held_out_set, make_scene, quick_accuracy, scene_masks,
+                                  show_example, task_kind)
 from .segmentation import CODEC_CONFIG, CODEC_RECIPE, MaskCodec, draw_segments, load_codec, train_mask_codec
-from .train import (EVAL_SEED, TRAIN_SEED, count_params, evaluate_model, fit, held_out_set, init_weights,
-                                 make_shapes_processor, make_tiny_config, quick_accuracy, train)
+from .train import adamw, count_params, fit, init_weights, make_shapes_processor, make_tiny_config, train
 
 # %% auto #0
-__all__ = ['VISION_SEED', 'BUNDLED_RECIPE', 'PixelLabelHead', 'pixel_label_batch', 'pixel_accuracy', 'pretrain_vision',
-           'show_pixel_labels', 'check_recipe', 'full_recipe', 'parse_recipe', 'train_bundled_model',
-           'bundled_model_path', 'load_bundled_model', 'load_mask_codec', 'evaluate_checkpoint', 'results_table',
-           'model_card', 'show_answers']
+__all__ = ['BUNDLED_RECIPE', 'PixelLabelHead', 'pixel_label_batch', 'pixel_accuracy', 'pretrain_vision', 'show_pixel_labels',
+           'check_recipe', 'full_recipe', 'parse_recipe', 'train_bundled_model', 'bundled_model_path',
+           'load_bundled_model', 'load_mask_codec', 'evaluate_checkpoint', 'results_table', 'model_card',
+           'show_answers']
 
 # %% ../nbs/17_bundled_model.ipynb #0be2fc41
 class PixelLabelHead(torch.nn.Module):
@@ -74,8 +75,6 @@ def pixel_accuracy(vision_tower, head, batch) -> dict:
     return dict(shape_acc=float((s.argmax(1) == sm)[fg].float().mean()),
                 color_acc=float((c.argmax(1) == cm)[fg].float().mean()))
 
-VISION_SEED = 4_000_000_000  # scenes for the vision pretraining are drawn from [4e9, 5e9)
-
 # %% ../nbs/17_bundled_model.ipynb #7b1350ed
 def pretrain_vision(model, image_processor, steps: int = 1000, batch_size: int = 64, lr: float = 1e-3,
                     warmup: int = 100, weight_decay: float = 0.05, clip: float = 1.0, seed: int = 0,
@@ -88,9 +87,9 @@ def pretrain_vision(model, image_processor, steps: int = 1000, batch_size: int =
     torch.manual_seed(seed)
     head = PixelLabelHead(cfg.hidden_size, cfg.image_size, cfg.patch_size).to(dev)
     params = list(vt.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    opt = adamw(params, lr, weight_decay)
     rng = np.random.default_rng([seed, 7])
-    held_out = pixel_label_batch(image_processor, range(EVAL_SEED + 3 * 10**7, EVAL_SEED + 3 * 10**7 + 256),
+    held_out = pixel_label_batch(image_processor, range(PIXEL_EVAL_SEED, PIXEL_EVAL_SEED + 256),
                                  cfg.image_size)
 
     def loss_fn(step):
@@ -230,7 +229,7 @@ def _train_into(folder: Path, r: dict, seed: int, eval_every: int, progress: boo
     vision_minutes = (time.perf_counter() - t1) / 60
     data = ShapesDataset(10**9, seed=TRAIN_SEED + seed * 10**9 // 8, image_size=r["image_size"], weights=r["task_weights"],
                          codec=codec)
-    hist = train(model, processor, data, eval_data=held_out_set(16, EVAL_SEED + 10**7, r["image_size"], codec=codec),
+    hist = train(model, processor, data, eval_data=held_out_set(16, TRAIN_EVAL_SEED, r["image_size"], codec=codec),
                  steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"], warmup=r["warmup"],
                  weight_decay=r["weight_decay"], clip=r["clip"], eval_every=eval_every, seed=seed, log_every=10,
                  on_log=on_log, progress=progress, eval_fn=quick_accuracy(processor, 20, codec=codec),

@@ -28,7 +28,7 @@ from .generate import answer
 from .shapes import score
 from .segmentation import CODEC_CONFIG, CODEC_WEIGHTS, load_codec
 from .checkpoints import stale_weight_files
-from .train import answer_loss, count_params, eval_loss, fit, make_batch, param_groups, plot_loss
+from .train import adamw, answer_loss, count_params, eval_loss, fit, make_batch, param_groups, plot_loss
 from .bundled import bundled_model_path
 from . import lora
 
@@ -495,7 +495,7 @@ def finetune(settings: FinetuneSettings, out, resume: bool = False, overwrite: b
     n_trainable, n_total = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable)), count_params(model)
     model = par.prepare(model)                                   # sharded across the processes by FSDPRun
     steps, lr = total_steps(s, len(train_records)), s.lr or DEFAULT_LR.get(s.method, 1e-5)
-    opt = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=lr, betas=(0.9, 0.999))
+    opt = adamw(param_groups(model, s.weight_decay), lr, betas=(0.9, 0.999))
     evaluate = (lambda: perplexity(model, processor, val_records, s.batch_size)) if val_records else None
     if overwrite and ckpt.is_dir() and par.rank == 0: shutil.rmtree(ckpt)  # an old run's checkpoint is never resumed
     if resume:

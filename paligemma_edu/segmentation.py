@@ -24,17 +24,17 @@ from .checkpoints import read_npz
 from .checkpoints import check_state_dict, read_safetensors
 from .core import StagedFolder, evaluating, model_device, pick_device, pick_dtype, read_json, reading
 from .processor import LOC_BINS, SEG_TOKENS, image_hw, loc_tokens, parse_detections
-from .shapes import Scene, mask_iou, object_masks, sample_scene
-from .train import EVAL_SEED, count_params, fit
+from .shapes import CODEC_EVAL_SEED, CODEC_SEED, Scene, mask_iou, object_masks, sample_scene
+from .train import adamw, count_params, fit
 
 # %% auto #0
-__all__ = ['SEG_CODES', 'CODEBOOK_SIZE', 'GRID', 'MASK_SIZE', 'BIG_VISION_TRAINING_STATE', 'CODEC_SEED', 'CODEC_EVAL_SEED',
-           'CODEC_RECIPE', 'CODEC_CONFIG', 'CODEC_WEIGHTS', 'MASK_COLORS', 'Segment', 'seg_tokens', 'segmentation_text',
-           'parse_segmentation', 'MaskCodecConfig', 'ResBlock', 'MaskDecoder', 'MaskEncoder', 'VectorQuantizer',
-           'MaskCodec', 'big_vision_names', 'big_vision_config', 'load_big_vision_codec', 'crop_to_codec',
-           'codec_masks', 'codec_loss', 'codec_step_loss', 'codebook_usage', 'evaluate_codec', 'train_codec',
-           'save_codec', 'load_codec', 'torch_threads', 'train_mask_codec', 'paste_mask', 'decode_segmentation',
-           'segment_answer', 'pasted_iou', 'draw_masks', 'draw_segments', 'show_reconstructions', 'plot_codebook_usage']
+__all__ = ['SEG_CODES', 'CODEBOOK_SIZE', 'GRID', 'MASK_SIZE', 'BIG_VISION_TRAINING_STATE', 'CODEC_RECIPE', 'CODEC_CONFIG',
+           'CODEC_WEIGHTS', 'MASK_COLORS', 'Segment', 'seg_tokens', 'segmentation_text', 'parse_segmentation',
+           'MaskCodecConfig', 'ResBlock', 'MaskDecoder', 'MaskEncoder', 'VectorQuantizer', 'MaskCodec',
+           'big_vision_names', 'big_vision_config', 'load_big_vision_codec', 'crop_to_codec', 'codec_masks',
+           'codec_loss', 'codec_step_loss', 'codebook_usage', 'evaluate_codec', 'train_codec', 'save_codec',
+           'load_codec', 'torch_threads', 'train_mask_codec', 'paste_mask', 'decode_segmentation', 'segment_answer',
+           'pasted_iou', 'draw_masks', 'draw_segments', 'show_reconstructions', 'plot_codebook_usage']
 
 # %% ../nbs/15_segmentation.ipynb #97639210
 SEG_CODES = 16                   # <seg> tokens per object: codebook indices on a 4x4 grid, row by row
@@ -327,7 +327,7 @@ def train_codec(codec: MaskCodec, masks, steps: int = 400, batch_size: int = 64,
                 eval_every: int = 100, progress: bool = True, on_log=None) -> list:
     "Train `codec` on `masks` with AdamW through `fit`, scoring `held_out` masks (IoU, codes used) as it goes."
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(codec.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = adamw(codec.parameters(), lr, weight_decay=0.0)
     score = None if held_out is None else lambda: {k: v for k, v in evaluate_codec(codec, held_out).items() if k != "n"}
     codec.train()
     history = fit(opt, codec_step_loss(codec, masks, batch_size, beta, restart, seed), steps, lr, warmup, clip,
@@ -337,8 +337,6 @@ def train_codec(codec: MaskCodec, masks, steps: int = 400, batch_size: int = 64,
     return history
 
 # %% ../nbs/15_segmentation.ipynb #cc71d164
-CODEC_SEED = 5_000_000_000            # training scenes of the codec: seeds from 5e9 (the vision stage uses [4e9, 5e9))
-CODEC_EVAL_SEED = EVAL_SEED + 4 * 10**7  # held-out scenes, inside the held-out range of every evaluation
 CODEC_RECIPE = dict(code_dim=16, width=32, num_res_blocks=2, n_scenes=3000, image_size=64, steps=400, batch_size=64,
                     lr=3e-3, warmup=50, beta=0.25, restart=0.03)
 CODEC_CONFIG, CODEC_WEIGHTS = "mask_codec.json", "mask_codec.safetensors"

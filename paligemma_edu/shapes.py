@@ -11,14 +11,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .core import evaluating
 from .processor import LOC_BINS, image_hw, loc_tokens, parse_detections, draw_boxes
+from .generate import answer
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'ShapeObject', 'Scene', 'sample_scene', 'render_scene',
-           'make_scene', 'scene_masks', 'object_masks', 'box_iou', 'mask_iou', 'caption', 'shapes_of_color',
-           'detect_answer', 'task_kind', 'available_tasks', 'check_tasks', 'scene_tasks', 'task_prompts',
-           'make_example', 'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score', 'evaluate',
-           'task_texts']
+__all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'TRAIN_SEED', 'EVAL_SEED', 'QUICK_EVAL_SEED',
+           'TRAIN_EVAL_SEED', 'PIXEL_EVAL_SEED', 'CODEC_EVAL_SEED', 'ATTENTION_SEED', 'VISION_SEED', 'CODEC_SEED',
+           'TRANSFER_SEED', 'TRANSFER_EVAL_SEED', 'ShapeObject', 'Scene', 'sample_scene', 'render_scene', 'make_scene',
+           'scene_masks', 'object_masks', 'box_iou', 'mask_iou', 'caption', 'shapes_of_color', 'detect_answer',
+           'task_kind', 'available_tasks', 'check_tasks', 'scene_tasks', 'task_prompts', 'make_example',
+           'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score', 'evaluate', 'held_out_set',
+           'predictor', 'evaluate_model', 'quick_accuracy', 'task_texts']
 
 # %% ../nbs/13_shapes.ipynb #024fc4bc
 SHAPES = ("circle", "square", "triangle")
@@ -271,6 +275,19 @@ def collate_examples(batch: list) -> dict:
     "Collate dataset items into a dict of lists (images stay PIL; a processor turns them into tensors)."
     return {k: [b[k] for b in batch] for k in batch[0]}
 
+# %% ../nbs/13_shapes.ipynb #5eed0a02
+TRAIN_SEED = 0                             # the answers' training scenes: [0, 1e9) (a run with seed s starts at s * 1e9 / 8)
+EVAL_SEED = 2_000_000_000                  # held-out scenes: every evaluation draws from 2e9 on
+QUICK_EVAL_SEED = EVAL_SEED + 10**6        # the small held-out set scored while training (`quick_accuracy`)
+TRAIN_EVAL_SEED = EVAL_SEED + 10**7        # the held-out loss while the bundled model trains
+PIXEL_EVAL_SEED = EVAL_SEED + 3 * 10**7    # the vision stage's held-out pixel labels
+CODEC_EVAL_SEED = EVAL_SEED + 4 * 10**7    # the mask codec's held-out masks
+ATTENTION_SEED = EVAL_SEED + 5 * 10**7     # the attention measurements of `16_attention_maps`
+VISION_SEED = 4_000_000_000                # the vision stage's training scenes: [4e9, 5e9)
+CODEC_SEED = 5_000_000_000                 # the mask codec's training scenes: from 5e9 (a run with seed s from 5e9 + s * 1e8)
+TRANSFER_SEED = 6_000_000_000              # the new task of `25_transfer`: training scenes from 6e9 (its replays from 6.1e9)
+TRANSFER_EVAL_SEED = 7_000_000_000         # its held-out scenes: from 7e9; the bundled model's own seeds stay below 6e9
+
 # %% ../nbs/13_shapes.ipynb #ad1d612c
 _SEG_RE = re.compile(r"<seg\d+>")
 
@@ -362,6 +379,33 @@ def evaluate(predict_fn, dataset, batch_size: int = 32, codec=None) -> dict:
             m["invalid"] = mean([r["invalid"] for r in rs])
         out[k] = m
     return out
+
+# %% ../nbs/13_shapes.ipynb #5c0be002
+def held_out_set(n_per_task: int = 500, seed: int = EVAL_SEED, image_size: int = 64, tasks=None, codec=None) -> list:
+    "A fixed list of n_per_task examples of each task (None: every task `codec` allows), scene seeds seed..seed+n_per_task-1."
+    return [dict(zip(("image", "prompt", "answer", "scene"), make_example(seed + i, t, image_size, codec=codec)), task=t)
+            for t in check_tasks(tasks, codec) for i in range(n_per_task)]
+
+def predictor(model, processor, max_new_tokens: int = 32):
+    "A `predict_fn(images, prompts)` that answers with greedy generation."
+    def predict(images, prompts): return answer(model, processor, images, prompts, max_new_tokens=max_new_tokens)
+    return predict
+
+def evaluate_model(model, processor, n_per_task: int = 500, seed: int = EVAL_SEED, batch_size: int = 100,
+                   max_new_tokens: int = 32, codec=None) -> dict:
+    "Per-task metrics of greedy answers on `held_out_set(n_per_task, seed)` (`segment` too when given the mask codec)."
+    items = held_out_set(n_per_task, seed, model.cfg.vision_config.image_size, codec=codec)
+    with evaluating(model): return evaluate(predictor(model, processor, max_new_tokens), items, batch_size, codec)
+
+def quick_accuracy(processor, n_per_task: int = 25, seed: int = QUICK_EVAL_SEED, codec=None):
+    "An `eval_fn` for `train`: exact match per task, detection hit@0.5 and segment mask IoU on a small held-out set."
+    def fn(model):
+        r = evaluate_model(model, processor, n_per_task, seed, codec=codec)
+        out = {f"acc_{t}": r[t]["exact"] for t in r if t != "segment"}  # a whole segment answer is rarely exact
+        if "detect" in r: out["hit_detect"] = r["detect"]["hit@0.5"]
+        if "segment" in r: out["iou_segment"] = r["segment"]["mask_iou"]
+        return out
+    return fn
 
 # %% ../nbs/13_shapes.ipynb #2f1bb81a
 def task_texts(n: int = 1000, seed: int = 0, image_size: int = 64, max_objects: int = 3) -> list:

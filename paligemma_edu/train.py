@@ -18,13 +18,11 @@ from .paligemma import PaliGemmaConfig
 from .gemma import causal_lm_loss
 from .images import SiglipImageProcessor
 from .processor import PaliGemmaProcessor, PaliGemmaTokenizer, build_paligemma_tokenizer
-from .generate import answer
-from .shapes import check_tasks, evaluate, make_example, task_texts
+from .shapes import task_texts
 
 # %% auto #0
-__all__ = ['TRAIN_SEED', 'EVAL_SEED', 'make_shapes_processor', 'make_tiny_config', 'init_weights', 'count_params', 'make_batch',
-           'answer_loss', 'lr_at', 'param_groups', 'fit', 'eval_loss', 'train', 'plot_loss', 'plot_accuracy',
-           'held_out_set', 'predictor', 'evaluate_model', 'quick_accuracy']
+__all__ = ['ADAMW_BETAS', 'make_shapes_processor', 'make_tiny_config', 'init_weights', 'count_params', 'make_batch',
+           'answer_loss', 'lr_at', 'param_groups', 'adamw', 'fit', 'eval_loss', 'train', 'plot_loss', 'plot_accuracy']
 
 # %% ../nbs/14_train.ipynb #3ada4321
 def make_shapes_processor(out_dir, image_size: int = 64, patch_size: int = 16, vocab_size: int = 400,
@@ -113,6 +111,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, vision_lr_mult: fl
     return [dict(params=ps, weight_decay=weight_decay if dec else 0.0, lr_mult=mult[where])
             for (dec, where), ps in sorted(groups.items())]
 
+ADAMW_BETAS = (0.9, 0.95)  # a shorter second-moment memory than torch's 0.999: steadier on small, noisy batches
+
+def adamw(params, lr: float, weight_decay: float = 0.01, betas: tuple = ADAMW_BETAS) -> torch.optim.AdamW:
+    "The AdamW every training run of the project uses (`params`: tensors or `param_groups`); torch's weight decay default."
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
 # %% ../nbs/14_train.ipynb #c1135cda
 def _eta(seconds: float) -> str:
     "Seconds as h:mm:ss."
@@ -192,7 +196,7 @@ def train(model, processor, train_data, eval_data=None, steps: int = 1000, batch
     if steps < 1 or batch_size < 1: raise ValueError(f"steps and batch_size must be >= 1; found {steps}, {batch_size}")
     rng, dev = np.random.default_rng(seed), model_device(model)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(param_groups(model, weight_decay, vision_lr_mult, projector_lr_mult), lr=lr, betas=(0.9, 0.95))
+    opt = adamw(param_groups(model, weight_decay, vision_lr_mult, projector_lr_mult), lr)
 
     def loss_fn(step):
         batch = make_batch(processor, [train_data[int(i)] for i in rng.integers(len(train_data), size=batch_size)])
@@ -239,33 +243,3 @@ def plot_accuracy(history: list, ax=None):
     ax.set_ylim(-0.02, 1.02); ax.set_xlabel("step"); ax.set_ylabel("held-out accuracy")
     ax.legend(fontsize=7, ncol=2, loc="lower right"); ax.grid(alpha=0.3)
     return ax
-
-# %% ../nbs/14_train.ipynb #5d39c86a
-TRAIN_SEED, EVAL_SEED = 0, 2_000_000_000  # training scenes use seeds [0, 10^9); held-out ones start at 2e9
-
-def held_out_set(n_per_task: int = 500, seed: int = EVAL_SEED, image_size: int = 64, tasks=None, codec=None) -> list:
-    "A fixed list of n_per_task examples of each task (None: every task `codec` allows), scene seeds seed..seed+n_per_task-1."
-    return [dict(zip(("image", "prompt", "answer", "scene"), make_example(seed + i, t, image_size, codec=codec)), task=t)
-            for t in check_tasks(tasks, codec) for i in range(n_per_task)]
-
-# %% ../nbs/14_train.ipynb #453b4d44
-def predictor(model, processor, max_new_tokens: int = 32):
-    "A `predict_fn(images, prompts)` that answers with greedy generation."
-    def predict(images, prompts): return answer(model, processor, images, prompts, max_new_tokens=max_new_tokens)
-    return predict
-
-def evaluate_model(model, processor, n_per_task: int = 500, seed: int = EVAL_SEED, batch_size: int = 100,
-                   max_new_tokens: int = 32, codec=None) -> dict:
-    "Per-task metrics of greedy answers on `held_out_set(n_per_task, seed)` (`segment` too when given the mask codec)."
-    items = held_out_set(n_per_task, seed, model.cfg.vision_config.image_size, codec=codec)
-    with evaluating(model): return evaluate(predictor(model, processor, max_new_tokens), items, batch_size, codec)
-
-def quick_accuracy(processor, n_per_task: int = 25, seed: int = EVAL_SEED + 10**6, codec=None):
-    "An `eval_fn` for `train`: exact match per task, detection hit@0.5 and segment mask IoU on a small held-out set."
-    def fn(model):
-        r = evaluate_model(model, processor, n_per_task, seed, codec=codec)
-        out = {f"acc_{t}": r[t]["exact"] for t in r if t != "segment"}  # a whole segment answer is rarely exact
-        if "detect" in r: out["hit_detect"] = r["detect"]["hit@0.5"]
-        if "segment" in r: out["iou_segment"] = r["segment"]["mask_iou"]
-        return out
-    return fn

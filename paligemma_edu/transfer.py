@@ -5,7 +5,6 @@
 # %% ../nbs/25_transfer.ipynb #d07eeb96
 from __future__ import annotations
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,15 @@ import torch
 from .core import StagedFolder
 from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from .quantization import bits_per_weight
-from .shapes import Scene, ShapesDataset, make_scene
+from .shapes import TRANSFER_EVAL_SEED, TRANSFER_SEED, Scene, ShapesDataset, make_scene
 from .segmentation import load_codec
 from .bundled import bundled_model_path
 from .lora import LoRALinear
 from .finetune import set_trainable
 
 # %% auto #0
-__all__ = ['ACTIVATION_WIDTHS', 'MEMORY_METHODS', 'TRANSFER_SEED', 'TRANSFER_EVAL_SEED', 'POSITION_PROMPT', 'MIN_GAP',
-           'step_memory', 'memory_table', 'memory_check_table', 'position_answer', 'position_example',
-           'write_position_data', 'transfer_table']
+__all__ = ['ACTIVATION_WIDTHS', 'MEMORY_METHODS', 'POSITION_PROMPT', 'MIN_GAP', 'step_memory', 'memory_table',
+           'memory_check_table', 'position_answer', 'position_example', 'write_position_data', 'transfer_table']
 
 # %% ../nbs/25_transfer.ipynb #070e9b9d
 ACTIVATION_WIDTHS = "vision: 8 D + 2 F; text: 4 D + 2 H Dh + 2 K Dh + 4 F (+ 2 D for Gemma 2); logits: V (b + 8) bytes"
@@ -114,8 +112,6 @@ def memory_check_table(rows: list) -> str:
     return "\n".join(out)
 
 # %% ../nbs/25_transfer.ipynb #197820a9
-TRANSFER_SEED = 6_000_000_000       # training scenes of the new task (and its replayed old tasks): seeds from 6e9
-TRANSFER_EVAL_SEED = 7_000_000_000  # its held-out scenes: seeds from 7e9; the bundled model's own use seeds below 6e9
 POSITION_PROMPT = "answer en which shape is at the {}?"
 MIN_GAP = 4                         # pixels between the two highest (lowest) centres for the answer to count as clear
 
@@ -137,11 +133,6 @@ def position_example(seed: int, image_size: int = 64) -> tuple:
         except ValueError: continue
 
 # %% ../nbs/25_transfer.ipynb #3b4b1fb6
-def _save_png(image, path: Path):
-    "Write `image` as PNG through a temporary name (atomic)."
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG"); os.replace(tmp, path)
-
 def write_position_data(folder, n_train: int = 4000, n_val: int = 500, replay: float = 0.25,
                      seed: int = TRANSFER_SEED, val_seed: int = TRANSFER_EVAL_SEED, overwrite: bool = False) -> dict:
     """Write `train.jsonl` (n_train examples, a share `replay` of them from the old tasks) and `val.jsonl` (n_val of the
@@ -152,19 +143,21 @@ def write_position_data(folder, n_train: int = 4000, n_val: int = 500, replay: f
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise FileExistsError(f"{str(folder)!r} exists and is not an empty folder; pass overwrite=True to replace its data")
-    (folder / "images").mkdir(parents=True, exist_ok=True)
     old = ShapesDataset(n_train, seed=seed + 10**8, codec=load_codec(bundled_model_path()))
     rng = np.random.default_rng(seed)
-    def line(image, prompt: str, answer: str, name: str) -> str:
-        _save_png(image, folder / "images" / name)
-        return json.dumps(dict(image=f"images/{name}", prefix=prompt, suffix=answer)) + "\n"
-    train = []
-    for i in range(n_train):
-        if rng.random() < replay:
-            ex = old[i]; train.append(line(ex["image"], ex["prompt"], ex["answer"], f"old{seed + 10**8 + i}.png"))
-        else:
-            image, prompt, answer, _ = position_example(seed + i); train.append(line(image, prompt, answer, f"{seed + i}.png"))
-    val = [line(*position_example(val_seed + i)[:3], f"{val_seed + i}.png") for i in range(n_val)]
+    with StagedFolder(folder / "images") as images:       # every PNG under a temporary name, renamed in at the end
+        def line(image, prompt: str, answer: str, name: str) -> str:
+            image.save(images.path(name), format="PNG")
+            return json.dumps(dict(image=f"images/{name}", prefix=prompt, suffix=answer)) + "\n"
+        train = []
+        for i in range(n_train):
+            if rng.random() < replay:
+                ex = old[i]; train.append(line(ex["image"], ex["prompt"], ex["answer"], f"old{seed + 10**8 + i}.png"))
+            else:
+                image, prompt, answer, _ = position_example(seed + i)
+                train.append(line(image, prompt, answer, f"{seed + i}.png"))
+        val = [line(*position_example(val_seed + i)[:3], f"{val_seed + i}.png") for i in range(n_val)]
+        images.commit()
     with StagedFolder(folder) as st:
         st.write_text("train.jsonl", "".join(train)); st.write_text("val.jsonl", "".join(val))
         st.commit()

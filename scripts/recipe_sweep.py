@@ -81,7 +81,7 @@ def one(name, out, device, scale, n_eval, deadline, threads=1, answer_steps=None
     import torch
     from paligemma_edu import bundled as T
     from paligemma_edu.segmentation import load_codec
-    from paligemma_edu.train import evaluate_model
+    from paligemma_edu.shapes import evaluate_model
     torch.set_num_threads(threads)
     r = T.BUNDLED_RECIPE | VARIANTS[name]
     steps = answer_steps or max(2, int(r["steps"] * scale))

@@ -165,7 +165,7 @@ def test_bundled_model_reads_the_colour_from_the_asked_object():
     its area share): layer 2 3.7, layer 3 5.5, mean of layers 3.9; a random model gives about 1."""
     from paligemma_edu.shapes import make_scene
     from paligemma_edu.bundled import load_bundled_model
-    from paligemma_edu.train import EVAL_SEED
+    from paligemma_edu.shapes import EVAL_SEED
     model, proc = load_bundled_model()
     scenes, s = [], EVAL_SEED + 5 * 10**7
     while len(scenes) < 30:

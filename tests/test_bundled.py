@@ -9,8 +9,8 @@ import torch
 from paligemma_edu.bundled import (PixelLabelHead, bundled_model_path, evaluate_checkpoint, load_bundled_model, load_mask_codec,
                                    pixel_accuracy, pixel_label_batch, pretrain_vision, train_bundled_model)
 from paligemma_edu.segmentation import CODEC_CONFIG, CODEC_WEIGHTS, load_codec
-from paligemma_edu.shapes import TASKS, make_example
-from paligemma_edu.train import EVAL_SEED, count_params, evaluate_model
+from paligemma_edu.shapes import EVAL_SEED, TASKS, evaluate_model, make_example
+from paligemma_edu.train import count_params
 from conftest import small_shapes_model
 
 # The first 40 of the 500 held-out scenes per task that eval.json records are measured here. A floor sits three

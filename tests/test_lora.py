@@ -16,7 +16,8 @@ from paligemma_edu.lora import (LORA_TARGETS, LoRALinear, add_lora, hf_module_na
 from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
 from paligemma_edu.quantization import QuantLinear
 from paligemma_edu.bundled import bundled_model_path, load_bundled_model
-from paligemma_edu.train import held_out_set, make_batch
+from paligemma_edu.shapes import held_out_set
+from paligemma_edu.train import make_batch
 
 BF16_U = 2.0 ** -8  # bfloat16's unit roundoff
 IMG, N = 299, 16  # <image> id and (28 / 7) ** 2 image tokens of the tiny config

@@ -99,7 +99,7 @@ def test_int4_prefill_takes_the_dense_path_and_matches_the_kernel():
 def test_bundled_model_greedy_tokens_unchanged_by_bfloat16_compute(bundled):
     "Greedy answers of the quantized bundled model (float32, bfloat16) equal those recorded before the bfloat16 compute."
     model, processor = bundled
-    from paligemma_edu.train import held_out_set
+    from paligemma_edu.shapes import held_out_set
     rec = json.loads((ROOT / "tests/fixtures/quant_tokens_before.json").read_text())
     items = held_out_set(4, seed=77)
     inputs = processor(images=[it["image"] for it in items], text=[it["prompt"] for it in items])
@@ -268,7 +268,7 @@ print(json.dumps(dict(peak=bench.current_rss_mb("VmHWM") - base, file=(folder / 
 def test_bundled_model_still_answers(bundled):
     model, processor = bundled
     from paligemma_edu.generate import answer
-    from paligemma_edu.train import held_out_set
+    from paligemma_edu.shapes import held_out_set
     items = held_out_set(6, seed=77)
     images, prompts = [it["image"] for it in items], [it["prompt"] for it in items]
     ref = answer(model, processor, images, prompts, max_new_tokens=24)

@@ -24,10 +24,10 @@ from .processor import PaliGemmaProcessor
 from .generate import answer
 from .attention_maps import attention_report
 from .shapes import (EVAL_SEED, PIXEL_EVAL_SEED, TRAIN_EVAL_SEED, TRAIN_SEED, VISION_SEED, COLORS, SHAPES, TASKS,
-                                  ShapesDataset, evaluate_model, held_out_set, make_scene, quick_accuracy, scene_masks,
-                                  show_example, task_kind)
+                                  ShapesDataset, evaluate_model, held_out_set, make_scene, make_shapes_processor, quick_accuracy,
+                                  scene_masks, show_example, task_kind)
 from .segmentation import CODEC_CONFIG, CODEC_RECIPE, MaskCodec, draw_segments, load_codec, train_mask_codec
-from .train import adamw, count_params, fit, init_weights, make_shapes_processor, make_tiny_config, train
+from .train import adamw, count_params, fit, init_weights, make_tiny_config, train
 
 # %% auto #0
 __all__ = ['BUNDLED_RECIPE', 'PixelLabelHead', 'pixel_label_batch', 'pixel_accuracy', 'pretrain_vision', 'show_pixel_labels',

@@ -6,13 +6,16 @@
 from __future__ import annotations
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from .core import evaluating
-from .processor import LOC_BINS, image_hw, loc_tokens, parse_detections, draw_boxes
+from .images import SiglipImageProcessor
+from .processor import (LOC_BINS, PaliGemmaProcessor, PaliGemmaTokenizer, build_paligemma_tokenizer, draw_boxes,
+                                     image_hw, loc_tokens, parse_detections)
 from .generate import answer
 
 # %% auto #0
@@ -22,7 +25,7 @@ __all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'TRAIN_SE
            'scene_masks', 'object_masks', 'box_iou', 'mask_iou', 'caption', 'shapes_of_color', 'detect_answer',
            'task_kind', 'available_tasks', 'check_tasks', 'scene_tasks', 'task_prompts', 'make_example',
            'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score', 'evaluate', 'held_out_set',
-           'predictor', 'evaluate_model', 'quick_accuracy', 'task_texts']
+           'predictor', 'evaluate_model', 'quick_accuracy', 'task_texts', 'make_shapes_processor']
 
 # %% ../nbs/13_shapes.ipynb #024fc4bc
 SHAPES = ("circle", "square", "triangle")
@@ -418,3 +421,17 @@ def task_texts(n: int = 1000, seed: int = 0, image_size: int = 64, max_objects: 
         pairs += [("segment" + p[len("detect"):], a) for p, a in pairs if task_kind(p) == "detect"]  # codes left out
         for p, a in pairs: out += [p, a]
     return out
+
+# %% ../nbs/13_shapes.ipynb #3ada4321
+def make_shapes_processor(out_dir, image_size: int = 64, patch_size: int = 16, vocab_size: int = 400,
+                          n_scenes: int = 2000, seed: int = 0) -> PaliGemmaProcessor:
+    "Train a tokenizer on the shapes texts and build a processor for `image_size` images cut in `patch_size` patches."
+    if image_size % patch_size:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    out_dir = Path(out_dir)
+    build_paligemma_tokenizer(task_texts(n_scenes, seed=seed, image_size=image_size), out_dir,
+                              vocab_size=vocab_size, seed=seed)
+    n_img = (image_size // patch_size) ** 2
+    ip = SiglipImageProcessor.from_dict({"size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3,
+                                         "image_std": [0.5] * 3, "image_seq_length": n_img})
+    return PaliGemmaProcessor(ip, PaliGemmaTokenizer(out_dir), image_seq_length=n_img)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,27 +15,10 @@ from tqdm import tqdm
 from .core import evaluating, model_device
 from .paligemma import PaliGemmaConfig
 from .gemma import causal_lm_loss
-from .images import SiglipImageProcessor
-from .processor import PaliGemmaProcessor, PaliGemmaTokenizer, build_paligemma_tokenizer
-from .shapes import task_texts
 
 # %% auto #0
-__all__ = ['ADAMW_BETAS', 'make_shapes_processor', 'make_tiny_config', 'init_weights', 'count_params', 'make_batch',
-           'answer_loss', 'lr_at', 'param_groups', 'adamw', 'fit', 'eval_loss', 'train', 'plot_loss', 'plot_accuracy']
-
-# %% ../nbs/14_train.ipynb #3ada4321
-def make_shapes_processor(out_dir, image_size: int = 64, patch_size: int = 16, vocab_size: int = 400,
-                          n_scenes: int = 2000, seed: int = 0) -> PaliGemmaProcessor:
-    "Train a tokenizer on the shapes texts and build a processor for `image_size` images cut in `patch_size` patches."
-    if image_size % patch_size:
-        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-    out_dir = Path(out_dir)
-    build_paligemma_tokenizer(task_texts(n_scenes, seed=seed, image_size=image_size), out_dir,
-                              vocab_size=vocab_size, seed=seed)
-    n_img = (image_size // patch_size) ** 2
-    ip = SiglipImageProcessor.from_dict({"size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3,
-                                         "image_std": [0.5] * 3, "image_seq_length": n_img})
-    return PaliGemmaProcessor(ip, PaliGemmaTokenizer(out_dir), image_seq_length=n_img)
+__all__ = ['ADAMW_BETAS', 'make_tiny_config', 'init_weights', 'count_params', 'make_batch', 'answer_loss', 'lr_at',
+           'param_groups', 'adamw', 'fit', 'eval_loss', 'train', 'plot_loss', 'plot_accuracy']
 
 # %% ../nbs/14_train.ipynb #305bd2e3
 def make_tiny_config(vocab_size: int, image_token_index: int, image_size: int = 64, patch_size: int = 16,

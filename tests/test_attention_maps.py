@@ -16,7 +16,8 @@ from paligemma_edu.attention_maps import (
     text_to_image_attention, token_labels, upsample_map)
 from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
 from paligemma_edu.shapes import make_example
-from paligemma_edu.train import make_shapes_processor, make_tiny_config, init_weights
+from paligemma_edu.shapes import make_shapes_processor
+from paligemma_edu.train import make_tiny_config, init_weights
 
 SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, text_width=32,
              text_layers=2, text_heads=2, kv_heads=1, head_dim=16, mlp_ratio=2)

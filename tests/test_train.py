@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from paligemma_edu.bundled import load_bundled_model
-from paligemma_edu.shapes import ShapesDataset, held_out_set
-from paligemma_edu.train import fit, lr_at, make_batch, make_shapes_processor, param_groups, train
+from paligemma_edu.shapes import ShapesDataset, held_out_set, make_shapes_processor
+from paligemma_edu.train import fit, lr_at, make_batch, param_groups, train
 from conftest import small_shapes_model
 
 

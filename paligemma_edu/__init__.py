@@ -15,6 +15,10 @@ from .bundled import load_bundled_model
 from .big_vision import from_big_vision
 from .quantization import quantize
 
+# Later notebooks attach methods to earlier classes (`09_paligemma` says why); importing their modules here gives every
+# `import paligemma_edu.X` the full classes: generate -> `.generate`, checkpoints -> `.from_pretrained`, `.save_pretrained`.
+from . import generate as _generate, checkpoints as _checkpoints  # noqa: F401
+
 __all__ = ["pick_device", "pick_dtype", "seed_everything", "compare_layers", "evaluating", "model_device",
            "SiglipImageProcessor", "load_image", "to_pil", "SiglipVisionConfig", "SiglipVisionModel", "KVCache",
            "GemmaConfig", "GemmaForCausalLM", "PaliGemmaConfig", "PaliGemmaForConditionalGeneration",

@@ -18,13 +18,16 @@ from safetensors.torch import save_file
 
 from .core import (StagedFolder, check_regular_file, finish_swap, pick_device, pick_dtype, read_json, reading,
                                 verified)
+from .gemma import GemmaConfig, GemmaForCausalLM
 from .paligemma import PaliGemmaConfig
+from .paligemma import HF_TEXT_DEFAULTS, PaliGemmaForConditionalGeneration
 
 # %% auto #0
-__all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'read_index', 'find_weight_files', 'all_finite', 'CheckpointError',
-           'check_placement', 'read_safetensors', 'read_npz', 'map_key', 'remap_state_dict', 'check_state_dict',
-           'tie_head', 'skip_init_weights', 'empty_model', 'load_into', 'resolve_folder', 'from_pretrained',
-           'to_published_key', 'stale_weight_files', 'save_pretrained']
+__all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'GEMMA_HEAD', 'GEMMA_EMBED', 'read_index', 'find_weight_files',
+           'all_finite', 'CheckpointError', 'check_placement', 'read_safetensors', 'read_npz', 'map_key',
+           'remap_state_dict', 'check_state_dict', 'tie_head', 'skip_init_weights', 'empty_model', 'load_into',
+           'resolve_folder', 'from_pretrained', 'to_published_key', 'stale_weight_files', 'save_pretrained',
+           'gemma_config_from_file', 'load_gemma_into', 'from_pretrained_gemma', 'save_pretrained_gemma']
 
 # %% ../nbs/12_checkpoints.ipynb #b4bc2783
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -284,3 +287,81 @@ def save_pretrained(model, folder, processor=None):
         if processor is not None: stale += processor.stage_files(st)
         st.commit(remove=stale)
     return folder
+
+# %% ../nbs/12_checkpoints.ipynb #b3e9d7a4
+PaliGemmaForConditionalGeneration.from_pretrained = classmethod(from_pretrained)
+PaliGemmaForConditionalGeneration.save_pretrained = save_pretrained
+
+# %% ../nbs/12_checkpoints.ipynb #d2f7b5c3
+GEMMA_HEAD, GEMMA_EMBED = "lm_head.weight", "model.embed_tokens.weight"
+_GEMMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+def gemma_config_from_file(path) -> GemmaConfig:
+    "A Gemma config.json (model_type 'gemma' or 'gemma2') read as transformers does; every error names the file."
+    d = read_json(path, "config file")
+    where = f"config file {str(path)!r}"
+    kind = d.get("model_type") if isinstance(d, dict) else None
+    if kind not in HF_TEXT_DEFAULTS:
+        hint = "; load it with PaliGemmaForConditionalGeneration.from_pretrained" if kind == "paligemma" else ""
+        raise ValueError(f"{where}: expected a Gemma config (model_type {sorted(HF_TEXT_DEFAULTS)}); found {kind!r}{hint}")
+    if d.get("tie_word_embeddings") is False:
+        raise ValueError(f"{where}: tie_word_embeddings is false; this model ties the LM head to the token embedding")
+    d = HF_TEXT_DEFAULTS[kind] | {k: v for k, v in d.items() if v is not None or k not in HF_TEXT_DEFAULTS[kind]}
+    bad = {k: d[k] for k in _GEMMA_SIZES if isinstance(d.get(k), bool) or not isinstance(d.get(k, 1), int) or d.get(k, 1) <= 0}
+    if bad: raise ValueError(f"{where}: sizes must be positive integers; found {bad}")
+    try: return GemmaConfig.from_dict(d)
+    except (ValueError, TypeError) as e: raise ValueError(f"{where}: {e}") from None
+
+def load_gemma_into(model, sd: dict, dtype, device):
+    "Strictly assign an HF `GemmaForCausalLM` state dict into an uninitialised `model`, cast to dtype, moved to device."
+    head, embed = sd.get(GEMMA_HEAD), sd.get(GEMMA_EMBED)
+    if head is not None and embed is not None and (head.shape != embed.shape or not torch.equal(head, embed)):
+        raise ValueError("checkpoint has an LM head that differs from the token embedding; this model ties them")
+    if embed is not None: sd[GEMMA_HEAD] = embed
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, sd)
+    ints = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if ints: raise CheckpointError(f"checkpoint tensors that are not floating point: {ints[:5]}; expected float weights")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    model.lm_head.weight = model.model.embed_tokens.weight  # re-tie: assign created two Parameters
+    return model.to(device)  # the non-persistent buffers (RoPE frequencies)
+
+def from_pretrained_gemma(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa", quantize=None):
+    "Load a text-only Gemma checkpoint folder (HF `GemmaForCausalLM` layout) strictly, without random initialisation."
+    if quantize is not None:
+        raise ValueError(f"quantize={quantize!r}: quantized loading is for PaliGemma folders; a GemmaForCausalLM loads in "
+                         "float (quantize it afterwards with paligemma_edu.quantization.quantize)")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager'; found {attn_implementation!r}")
+    folder = resolve_folder(path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
+    with reading(folder):
+        cfg = gemma_config_from_file(cfg_file)
+        if "quantization_config" in read_json(cfg_file, "config"):
+            raise ValueError(f"{cfg_file} describes a quantized checkpoint; quantized loading is for PaliGemma folders")
+        cfg.attn_implementation = attn_implementation
+        dtype, device = pick_dtype(dtype), pick_device(device)
+        sd = read_safetensors(*find_weight_files(folder))
+        with skip_init_weights(): model = cls(cfg)
+        return load_gemma_into(model, sd, dtype, device).eval()
+
+def save_pretrained_gemma(model, folder):
+    "Write config.json + model.safetensors in HF `GemmaForCausalLM`'s layout (tied LM head left out), atomically."
+    if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != GEMMA_HEAD}
+    ints = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if ints: raise ValueError(f"this model holds tensors that are not floating point ({ints[:3]}, quantized?); "
+                              "a GemmaForCausalLM folder stores float weights: save the model before quantizing it")
+    folder = Path(folder)
+    with StagedFolder(folder, manifest=True) as st:
+        arch = "Gemma2ForCausalLM" if model.cfg.model_type == "gemma2" else "GemmaForCausalLM"
+        cfg = model.cfg.to_dict() | {"architectures": [arch], "tie_word_embeddings": True}
+        st.write_text("config.json", json.dumps(cfg, indent=2))
+        save_file(sd, str(st.path(SINGLE)), metadata={"format": "pt"})
+        st.commit(remove=stale_weight_files(folder))
+    return folder
+
+GemmaForCausalLM.from_pretrained = classmethod(from_pretrained_gemma)
+GemmaForCausalLM.save_pretrained = save_pretrained_gemma

@@ -298,8 +298,3 @@ class GemmaForCausalLM(nn.Module):
         out.logits = self.logits(out.last_hidden_state, logits_to_keep)
         if labels is not None: out.loss = causal_lm_loss(out.logits, labels)
         return out
-
-    def generate(self, *args, **kwargs):
-        "Continue a prompt; see `paligemma_edu.generate.generate` (built in `11_generate`) for the arguments."
-        from paligemma_edu.generate import generate
-        return generate(self, *args, **kwargs)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .core import model_device
+from .gemma import GemmaForCausalLM
 from .paligemma import PaliGemmaForConditionalGeneration
 from .processor import LOC_BINS, draw_boxes, image_hw, loc_tokens, parse_detections  # noqa: F401 (re-exported)
 
@@ -141,6 +142,9 @@ def decode_loop(logits, step, pick, out, T: int, eos: list, pad: int, streamer=N
     if eos and every > 1 and bool(done.all()):  # the host looked every few steps: cut where the last row finished
         n = int(torch.isin(out[:, T:T + n], eos_t).int().argmax(-1).max()) + 1
     return n
+
+# %% ../nbs/11_generate.ipynb #c4d2e8f1
+PaliGemmaForConditionalGeneration.generate = GemmaForCausalLM.generate = generate
 
 # %% ../nbs/11_generate.ipynb #543b43b3
 class TextStreamer:

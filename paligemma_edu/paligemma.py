@@ -271,19 +271,3 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         out.image_features = image_features
         return out
-
-    def generate(self, *args, **kwargs):
-        "Continue a prompt; see `paligemma_edu.generate.generate` for the arguments."
-        from paligemma_edu.generate import generate
-        return generate(self, *args, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "PaliGemmaForConditionalGeneration":
-        "Load a checkpoint folder strictly; see `paligemma_edu.checkpoints.from_pretrained` for the arguments."
-        from paligemma_edu.checkpoints import from_pretrained
-        return from_pretrained(cls, path, **kwargs)
-
-    def save_pretrained(self, folder, **kwargs):
-        "Write a checkpoint folder; see `paligemma_edu.checkpoints.save_pretrained` for the arguments."
-        from paligemma_edu.checkpoints import save_pretrained
-        return save_pretrained(self, folder, **kwargs)

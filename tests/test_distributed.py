@@ -148,3 +148,22 @@ def test_sharded_checkpoint_resumes_only_under_torchrun(tmp_path, data, tiny_bas
     s = FinetuneSettings(train=str(data / "train.jsonl"), model=str(tiny_base), steps=2, batch_size=2, workers=0)
     with pytest.raises(ValueError, match="sharded checkpoint written by 2 processes under torchrun; resume it under torchrun"):
         finetune(s, tmp_path, resume=True, progress=False)
+
+
+
+def test_heartbeat_thread_is_joined_by_stop(monkeypatch):
+    """After `Health.stop` no heartbeat thread is left: a daemon thread cut off inside the store's C++ code at
+    interpreter exit aborts the process ('terminate called without an active exception')."""
+    import threading
+    from datetime import timedelta
+    import torch.distributed as dist
+    from paligemma_edu.distributed import Health
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(master.port))
+    before = set(threading.enumerate())
+    health = Health(0, 1, every=1e-4)                  # beats almost without pause: its thread is mostly in the store
+    time.sleep(0.1)
+    assert len(set(threading.enumerate()) - before) == 1
+    health.stop()
+    assert not (set(threading.enumerate()) - before)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from paligemma_edu.checkpoints import map_key
 from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
 from paligemma_edu.quantization import (QuantEmbedding, QuantLinear, TiedHead, dequantize_int4, fake_quantize, quantize,
                                         quantize_int4, unpack_int4_cpu)
@@ -325,3 +326,19 @@ def test_quant_matrix_script_quick(tmp_path):
     assert row["step_bytes"]["int4"] < row["step_bytes"]["int8"] < row["step_bytes"]["eager"]
     assert '| tiny | float32 | ours quantize="int4" |' in (tmp_path / "quant_matrix.md").read_text()
     assert (committed.read_bytes() if committed.exists() else None) == before
+
+
+# ------------------------------------------------------------------------------------------------------- old folders
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_folders_saved_before_still_load(bits):
+    "int8 / int4 folders written before the settings moved into the config (tests/data/make_quantized_v1.py) load as saved."
+    data = ROOT / "tests" / "data" / "quantized-v1"
+    folder, ref = data / f"int{bits}", load_file(data / "batch_and_logits.safetensors")
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert model.quantization == saved
+    sd, on_disk = model.state_dict(), load_file(folder / "model.safetensors")
+    assert all(torch.equal(sd[map_key(k)], v) for k, v in on_disk.items())  # every stored tensor read back unchanged
+    batch = {k: ref[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    with torch.no_grad(): logits = model(**batch).logits
+    torch.testing.assert_close(logits, ref[f"logits_int{bits}"], atol=1e-6, rtol=0)

@@ -6,8 +6,6 @@
 from __future__ import annotations
 import json
 import os
-import re
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,15 +14,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .core import (StagedFolder, check_regular_file, finish_swap, pick_device, pick_dtype, read_json, reading,
-                                verified)
+from .core import (StagedFolder, check_regular_file, pick_device, pick_dtype, read_json, reading,
+                                resolve_folder, verified)
 from .paligemma import PaliGemmaConfig
 
 # %% auto #0
 __all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'read_index', 'find_weight_files', 'all_finite', 'CheckpointError',
            'check_placement', 'read_safetensors', 'read_npz', 'map_key', 'remap_state_dict', 'check_state_dict',
-           'tie_head', 'skip_init_weights', 'empty_model', 'load_into', 'resolve_folder', 'from_pretrained',
-           'to_published_key', 'stale_weight_files', 'save_pretrained']
+           'tie_head', 'skip_init_weights', 'empty_model', 'load_into', 'from_pretrained', 'to_published_key',
+           'stale_weight_files', 'save_pretrained']
 
 # %% ../nbs/12_checkpoints.ipynb #b4bc2783
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -216,22 +214,6 @@ def load_into(model, sd: dict, dtype, device):
     lm.lm_head.weight = lm.model.embed_tokens.weight  # re-tie: assign created two Parameters
     return model.to(device)  # the non-persistent buffers (RoPE frequencies, position ids)
 
-def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.model")) -> Path:
-    "A local folder for `path`: a folder here, or a Hub repo id ('org/name') fetched with huggingface_hub."
-    if isinstance(path, (str, os.PathLike)) and not str(path).strip():
-        raise ValueError("the checkpoint path is empty; give a folder or a Hub repo id ('' would mean the current folder)")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
-    folder = Path(path)
-    msg = finish_swap(folder)  # a run killed while replacing this folder: its new (or old) version put in place
-    if msg: warnings.warn(msg, stacklevel=3)
-    if folder.exists():
-        if not folder.is_dir(): raise NotADirectoryError(f"{str(path)!r} is a file; expected a checkpoint folder")
-        return folder
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-    return _download(str(path), list(allow_patterns))  # looks like a Hub repo id: "org/name"
-
 def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa", quantize=None):
     "Load a PaliGemma checkpoint folder (HF layout) strictly, without random initialisation; quantize: 'int8' or 'int4'."
     folder = resolve_folder(path)
@@ -247,13 +229,6 @@ def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str
         model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
         return load_into(model, sd, dtype, device).eval()
 
-def _download(repo_id: str, allow_patterns: list) -> Path:
-    "Fetch a Hub repo with huggingface_hub if installed (the only network path of the library)."
-    try: from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{repo_id!r} is not a folder here, and huggingface_hub is not installed to fetch it "
-                                f"from the Hub (pip install huggingface_hub)") from None
-    return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
 
 # %% ../nbs/12_checkpoints.ipynb #8cb65aba
 def to_published_key(k: str) -> str:

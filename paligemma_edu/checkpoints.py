@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,8 @@ __all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'QUANT_METHOD', 'QUA
            'all_finite', 'CheckpointError', 'check_placement', 'read_safetensors', 'TensorInfo', 'read_header',
            'tensor_infos', 'row_blocks', 'read_npz', 'map_key', 'remap_state_dict', 'check_state_dict',
            'drop_tied_head', 'tie_head', 'check_tensors', 'skip_init_weights', 'empty_model', 'load_into',
-           'assign_tensor', 'load_with_hook', 'from_pretrained', 'to_published_key', 'stale_weight_files',
-           'save_pretrained']
+           'assign_tensor', 'float_specs', 'load_checkpoint', 'from_pretrained', 'to_published_key',
+           'stale_weight_files', 'save_pretrained']
 
 # %% ../nbs/12_checkpoints.ipynb #b4bc2783
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -259,8 +259,13 @@ def tie_head(sd: dict) -> dict:
 def check_tensors(expected: dict, found: dict):
     "`found` (tensors or TensorInfo) against `expected` {name: (shape, dtype; None for any float)}: names, shapes, dtypes."
     check_state_dict({k: s for k, (s, _) in expected.items()}, found)
-    bad = [f"{k}: expected {dt or 'a float'}, found {found[k].dtype}" for k, (_, dt) in expected.items()
-           if (found[k].dtype != dt if dt is not None else not found[k].dtype.is_floating_point)]
+    kinds = sorted(f"{k} ({found[k].dtype})" for k, (_, dt) in expected.items()
+                   if (dt is None) != found[k].dtype.is_floating_point)
+    if kinds:
+        raise CheckpointError(f"checkpoint tensors of the wrong kind (weights must be floating point, buffers as saved): "
+                              f"{kinds[:5]}{' ...' if len(kinds) > 5 else ''}; the file was written with wrong dtypes")
+    bad = [f"{k}: expected {dt}, found {found[k].dtype}" for k, (_, dt) in expected.items()
+           if dt is not None and found[k].dtype != dt]
     if bad: raise ValueError(f"checkpoint tensors of the wrong dtype: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
 
 # %% ../nbs/12_checkpoints.ipynb #cf30dca5
@@ -313,31 +318,43 @@ def assign_tensor(model, name: str, t):
     if leaf in mod._parameters: mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
     else: mod._buffers[leaf] = t
 
-def load_with_hook(model, folder, quantize, dtype, device):
-    "Fill an uninitialised `model` from `folder` through the per-tensor hook of its quantization (`QUANTIZERS`)."
-    saved = model.cfg.quantization_config
-    method = saved["quant_method"] if saved is not None else QUANT_METHOD
-    if method not in QUANTIZERS:
-        if method != QUANT_METHOD:
-            raise ValueError(f"{folder / 'config.json'}: quantization_config {saved!r} is not one this library wrote "
-                             f"(quant_method {QUANT_METHOD!r})")
-        raise RuntimeError(f"quantized loading comes from paligemma_edu.quantization (20_quantization), which is not "
-                           f"imported; import it (`import paligemma_edu` does) to load {folder} quantized")
-    infos = drop_tied_head(tensor_infos(folder))  # headers only: nothing is read yet
-    expected, on_tensor = QUANTIZERS[method](model, saved, quantize, dtype, device, folder / "config.json")
-    try: check_tensors(expected, infos)
-    except ValueError as e:
-        if saved is None: raise
-        raise ValueError(f"{folder}: the tensors do not match the quantization settings in config.json "
-                         f"({model.cfg.quantization_config}): {e}") from None
-    for name, info in infos.items():
-        if on_tensor(name, info): continue
-        t = info.read()
-        assign_tensor(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+def float_specs(model) -> dict:
+    "{name: (shape, dtype; None for any float)} of the tensors a float checkpoint of `model` holds (the tied head once)."
+    return {k: (tuple(t.shape), None if t.is_floating_point() else t.dtype) for k, t in model.state_dict().items() if k != HEAD}
+
+def _mapped(info: TensorInfo, handles: dict, stack: ExitStack) -> torch.Tensor:
+    "One whole tensor through safe_open's memory map (one handle per file, kept open in `stack`); finite."
+    try:
+        if info.path not in handles: handles[info.path] = stack.enter_context(safe_open(str(info.path), framework="pt"))
+        t = handles[info.path].get_tensor(info.name)
+    except Exception as e:
+        raise ValueError(f"could not read safetensors file {str(info.path)!r} (truncated or corrupt?): {e}") from None
+    if not all_finite(t):
+        raise CheckpointError(f"tensor {info.name!r} in {info.path} holds NaN or infinite values; the checkpoint is damaged")
+    return t
+
+def load_checkpoint(model, infos: dict, dtype, device, on_tensor=None):
+    "Assign every tensor of `infos` into an uninitialised `model`, memory-mapped; `on_tensor(name, info)` may take one over."
+    with ExitStack() as stack:
+        handles = {}
+        for name, info in infos.items():
+            if on_tensor is not None and on_tensor(name, info): continue
+            t = _mapped(info, handles, stack)
+            assign_tensor(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
     lm = model.language_model
-    if isinstance(getattr(lm.lm_head, "weight", None), nn.Parameter):  # a float head shares the embedding's new tensor
+    if isinstance(getattr(lm.lm_head, "weight", None), nn.Parameter):  # a float head shares the embedding's tensor
         lm.lm_head.weight = lm.model.embed_tokens.weight
-    return model.to(device)
+    return model.to(device)  # the non-persistent buffers (RoPE frequencies, position ids)
+
+def _quantizer(saved: dict | None, cfg_file):
+    "The `prepare` function of a folder's `quant_method` (this library's for `quantize=`); clear errors."
+    method = saved["quant_method"] if saved is not None else QUANT_METHOD
+    if method in QUANTIZERS: return QUANTIZERS[method]
+    if method != QUANT_METHOD:
+        raise ValueError(f"{cfg_file}: quantization_config {saved!r} is not one this library wrote "
+                         f"(quant_method {QUANT_METHOD!r})")
+    raise RuntimeError("quantized checkpoints are read with the hook of paligemma_edu.quantization (20_quantization), "
+                       "which is not imported; import it (`import paligemma_edu` does)")
 
 def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa", quantize=None):
     "Load a PaliGemma checkpoint folder (HF layout) strictly, without random initialisation; quantize: 'int8' or 'int4'."
@@ -346,13 +363,20 @@ def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
     with reading(folder):  # a save into the folder is not half seen; a crash's interrupted save is completed first
-        dtype, device = pick_dtype(dtype), pick_device(device)
-        if quantize is not None or "quantization_config" in read_json(cfg_file, "config"):
-            model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
-            return load_with_hook(model, folder, quantize, dtype, device).eval()
-        sd = remap_state_dict(read_safetensors(*find_weight_files(folder)))
-        model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
-        return load_into(model, sd, dtype, device).eval()
+        cfg = PaliGemmaConfig.from_json_file(cfg_file)
+        dtype, device, saved = pick_dtype(dtype), pick_device(device), cfg.quantization_config
+        model = empty_model(cls, cfg, attn_implementation)
+        expected, on_tensor = float_specs(model), None
+        if quantize is not None or saved is not None:  # the quantization swaps the layers and gives the hook
+            expected, on_tensor = _quantizer(saved, cfg_file)(model, saved, quantize, dtype, device, cfg_file)
+        infos = drop_tied_head(tensor_infos(folder))  # headers only: nothing is read yet
+        try: check_tensors(expected, infos)
+        except ValueError as e:
+            if saved is None: raise
+            raise ValueError(f"{folder}: the tensors do not match the quantization settings in config.json "
+                             f"({model.cfg.quantization_config}): {e}") from None
+        return load_checkpoint(model, infos, dtype, device, on_tensor).eval()
+
 
 # %% ../nbs/12_checkpoints.ipynb #8cb65aba
 def to_published_key(k: str) -> str:

@@ -311,12 +311,11 @@ def load_into(model, sd: dict, dtype, device):
 QUANT_METHOD = "paligemma_edu"  # the `quant_method` of the quantized folders this library writes (20_quantization)
 QUANTIZERS = {}  # quant_method -> prepare(model, saved, quantize, dtype, device, config_file) -> (expected, on_tensor)
 
-def assign_tensor(model, name: str, t):
-    "Put tensor `t` in place of parameter or buffer `name` of `model` (a parameter keeps its requires_grad)."
-    mod_name, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    if leaf in mod._parameters: mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
-    else: mod._buffers[leaf] = t
+def assign_tensor(module, leaf: str, t):
+    "Put tensor `t` in place of parameter or buffer `leaf` of `module` (a parameter keeps its requires_grad)."
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=module._parameters[leaf].requires_grad)
+    else: module._buffers[leaf] = t
 
 def float_specs(model) -> dict:
     "{name: (shape, dtype; None for any float)} of the tensors a float checkpoint of `model` holds (the tied head once)."
@@ -335,12 +334,14 @@ def _mapped(info: TensorInfo, handles: dict, stack: ExitStack) -> torch.Tensor:
 
 def load_checkpoint(model, infos: dict, dtype, device, on_tensor=None):
     "Assign every tensor of `infos` into an uninitialised `model`, memory-mapped; `on_tensor(name, info)` may take one over."
+    modules = dict(model.named_modules())
     with ExitStack() as stack:
         handles = {}
         for name, info in infos.items():
             if on_tensor is not None and on_tensor(name, info): continue
             t = _mapped(info, handles, stack)
-            assign_tensor(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+            mod_name, _, leaf = name.rpartition(".")
+            assign_tensor(modules[mod_name], leaf, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
     lm = model.language_model
     if isinstance(getattr(lm.lm_head, "weight", None), nn.Parameter):  # a float head shares the embedding's tensor
         lm.lm_head.weight = lm.model.embed_tokens.weight

@@ -359,3 +359,13 @@ def test_quantized_folder_without_the_quantization_module(tmp_path):
         with pytest.raises(RuntimeError, match="paligemma_edu.quantization"):
             PaliGemmaForConditionalGeneration.from_pretrained(folder)
     finally: checkpoints.QUANTIZERS[checkpoints.QUANT_METHOD] = saved
+
+
+def test_quantization_config_is_a_config_field():
+    "PaliGemmaConfig carries quantization_config: absent for a float model, kept as given, refused when not an object."
+    from conftest import tiny_paligemma_config_dict
+    d = tiny_paligemma_config_dict()
+    assert "quantization_config" not in PaliGemmaConfig.from_dict(d).to_dict()
+    q = {"quant_method": "paligemma_edu", "bits": 4, "group_size": 64, "skip": []}
+    assert PaliGemmaConfig.from_dict(d | {"quantization_config": q}).to_dict()["quantization_config"] == q
+    with pytest.raises(ValueError, match="quantization_config"): PaliGemmaConfig.from_dict(d | {"quantization_config": "int8"})

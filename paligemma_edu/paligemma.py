@@ -80,9 +80,13 @@ class PaliGemmaConfig:
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: int | list = 1
+    quantization_config: dict | None = None  # how the weights are stored, when quantized (20_quantization); None: float
 
     def __post_init__(self):
         _check_values(vars(self))
+        q = self.quantization_config
+        if q is not None and not (isinstance(q, dict) and isinstance(q.get("quant_method"), str)):
+            raise ValueError(f"quantization_config must be an object with a 'quant_method' string (or absent); found {q!r}")
         for name, cls in (("vision_config", SiglipVisionConfig), ("text_config", GemmaConfig)):
             sub = getattr(self, name)
             if not isinstance(sub, (dict, cls)):
@@ -129,7 +133,8 @@ class PaliGemmaConfig:
         return dict(architectures=["PaliGemmaForConditionalGeneration"], model_type="paligemma", vision_config=v,
                     text_config=t, image_token_index=self.image_token_index, vocab_size=self.vocab_size,
                     projection_dim=self.projection_dim, hidden_size=self.hidden_size, pad_token_id=self.pad_token_id,
-                    bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=True)
+                    bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=True) | (
+                    {} if self.quantization_config is None else {"quantization_config": dict(self.quantization_config)})
 
 
 # %% ../nbs/09_paligemma.ipynb #0e962288
@@ -151,7 +156,7 @@ def _config_from_file_dict(cls, d: dict) -> "PaliGemmaConfig":
         raise ValueError(f"text_config.model_type must be one of {sorted(HF_TEXT_DEFAULTS)}; found {text['model_type']!r}")
     if vision.setdefault("model_type", "siglip_vision_model") != "siglip_vision_model":
         raise ValueError(f"vision_config.model_type must be 'siglip_vision_model'; found {vision['model_type']!r}")
-    keys = ("vocab_size", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
+    keys = ("vocab_size", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id", "quantization_config")
     top = {k: d[k] for k in keys if d.get(k) is not None}
     defaults = HF_TEXT_DEFAULTS[text["model_type"]]
     if "vocab_size" in top: defaults = {k: v for k, v in defaults.items() if k != "vocab_size"}  # given at the top only

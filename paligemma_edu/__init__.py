@@ -14,6 +14,7 @@ from .paligemma2 import paligemma2_config, paligemma2_3b_config
 from .bundled import load_bundled_model
 from .big_vision import from_big_vision
 from .quantization import quantize
+from .fast_decoding import StaticDecoder  # also adds static_decoder (generate's compile=) to both model classes
 
 __all__ = ["pick_device", "pick_dtype", "seed_everything", "compare_layers", "evaluating", "model_device",
            "SiglipImageProcessor", "load_image", "to_pil", "SiglipVisionConfig", "SiglipVisionModel", "KVCache",
@@ -21,3 +22,4 @@ __all__ = ["pick_device", "pick_dtype", "seed_everything", "compare_layers", "ev
            "PaliGemmaProcessor", "PaliGemmaTokenizer", "build_paligemma_tokenizer", "generate", "answer", "TextStreamer",
            "parse_detections", "draw_boxes", "loc_tokens", "paligemma2_config", "paligemma2_3b_config",
            "load_bundled_model", "from_big_vision", "quantize"]
+__all__ += ["StaticDecoder"]

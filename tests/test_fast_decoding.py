@@ -70,7 +70,6 @@ def test_static_step_logits_match_eager_step(pair):
         eager = ours(ids, pix, am, tt, cache=cache, logits_to_keep=1).logits[:, -1]
         step = StaticDecodeStep(ours, 3, 64)
         ours(ids, pix, am, tt, cache=step.kv, logits_to_keep=1)
-        step.reset(am)
         mask = am.clone()
         for _ in range(24):  # past the window of 8 for Gemma 2
             tok = eager.argmax(-1)
@@ -134,20 +133,20 @@ def test_compiled_step_matches_eager():
     ids2, pix2, am2, tt2 = prompts(5, (4, 2, 6))
     again = generate(ours, ids2, pix2, am2, tt2, max_new_tokens=N_NEW, eos_token_id=[], compile=True)
     assert torch.equal(again, generate(ours, ids2, pix2, am2, tt2, max_new_tokens=N_NEW, eos_token_id=[]))
-    assert [k[2] for k in ours._static_decoders] == ["inductor"]  # one decoder, built once, reused
+    assert [k[2] for k in ours.static_decoders] == ["inductor"]  # one decoder, built once, reused
 
 
 def test_decoders_are_reused_rebuilt_and_not_copied():
     ours = tiny(seed=1)
     a = get_decoder(ours, 2, 64, "static")
     assert get_decoder(ours, 2, 64, "static") is a
-    assert copy.deepcopy(ours)._static_decoders == {}                 # a copy starts with none
+    assert copy.deepcopy(ours).static_decoders == {}                 # a copy starts with none
     for b in (1, 3, 4, 5): get_decoder(ours, b, 64, "static")
-    assert len(ours._static_decoders) == 4 and (2, 64, "static", torch.float32, "cpu") not in ours._static_decoders
+    assert len(ours.static_decoders) == 4 and (2, 64, "static", torch.float32, "cpu") not in ours.static_decoders
     c = get_decoder(ours, 5, 64, "static")
     w = next(ours.parameters())
     w.data = w.data.clone()                                           # a weight in new memory: decoders rebuilt
-    assert get_decoder(ours, 5, 64, "static") is not c and len(ours._static_decoders) == 1
+    assert get_decoder(ours, 5, 64, "static") is not c and len(ours.static_decoders) == 1
 
 
 def test_modes_and_limits():

@@ -112,6 +112,9 @@ class StaticDecoder:
                  pad: int = 0, generator=None, streamer=None):
         "generate's loop (`decode_loop`) with the static step (inputs already validated): returns (B, T + new)."
         (B, T), kv = input_ids.shape, self.step.kv
+        if model.text_model is not self.step.lm:
+            raise ValueError("this decoder was built for another model: build one with StaticDecoder(model, ...) or "
+                             "let generate use the model's own (compile=True or a mode)")
         if B != kv.batch_size or T + max_new_tokens > kv.max_len:
             raise ValueError(f"this decoder holds batch {kv.batch_size} x {kv.max_len} positions; got batch {B} "
                              f"with {T} prompt + {max_new_tokens} new tokens")

@@ -175,10 +175,10 @@ class ModelOutput:
     last_hidden_state: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
 
-def default_positions(attention_mask, q_len: int):
-    "Positions of the last q_len tokens: number of real tokens before each (pads get 0)."
-    if q_len == 1: return (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)  # decode: no scan over S
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+def default_positions(attention_mask, q_len: int, offset: int = 0):
+    "Positions of the last q_len tokens: offset + the number of real tokens before each (pads get offset)."
+    if q_len == 1: return (attention_mask.sum(-1, keepdim=True, dtype=torch.long) - (1 - offset)).clamp(min=offset)  # no scan
+    return (attention_mask.cumsum(-1, dtype=torch.long) - (1 - offset)).clamp(min=offset)[:, -q_len:]
 
 # %% ../nbs/08_gemma.ipynb #9111aaea
 class GemmaModel(nn.Module):
@@ -193,11 +193,12 @@ class GemmaModel(nn.Module):
         self.gradient_checkpointing = False  # recompute each layer in backward instead of keeping its activations
 
     def embed(self, input_ids, check: bool = True):  # (B, T) -> (B, T, D)
-        "Embedding lookup times sqrt(hidden_size) (rounded to the embedding's dtype), with a vocabulary check unless told."
-        out_of_range = (input_ids < 0) | (input_ids >= self.cfg.vocab_size)
-        if check and out_of_range.any():  # one reduction, one host sync
-            bad = input_ids[out_of_range]
-            raise ValueError(f"input ids must be in [0, {self.cfg.vocab_size}); found {bad[:5].tolist()}")
+        "Embedding lookup times sqrt(hidden_size) (rounded to the embedding's dtype), after a vocabulary check unless told."
+        if check:
+            out_of_range = (input_ids < 0) | (input_ids >= self.cfg.vocab_size)
+            if out_of_range.any():  # one reduction, one host sync
+                bad = input_ids[out_of_range]
+                raise ValueError(f"input ids must be in [0, {self.cfg.vocab_size}); found {bad[:5].tolist()}")
         e = self.embed_tokens(input_ids)  # dtype and device from the output: the table may be stored quantized
         return e * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=e.dtype, device=e.device)
 
@@ -240,10 +241,10 @@ class GemmaModel(nn.Module):
         else:
             past = cache.seen if cache is not None else 0
             self.check_shapes(B, T, attention_mask, cache)
-        if position_ids is None:  # the one position rule: real tokens before each (past..past+T-1 without a mask)
-            position_ids = (default_positions(attention_mask, T) if attention_mask is not None
-                            else torch.arange(past, past + T, device=x.device)[None])
-            if position_offset: position_ids = position_ids + position_offset  # a model counting from 1 (PaliGemma)
+        if position_ids is None:  # the one position rule: real tokens before each, counted from position_offset
+            first = past + position_offset                                              # without a mask: no padding
+            position_ids = (default_positions(attention_mask, T, position_offset) if attention_mask is not None
+                            else torch.arange(first, first + T, device=x.device)[None])
         cos, sin = self.rotary_emb(position_ids, x.dtype)                               # (B|1, T, Dh)
         full, sliding = self.attention_biases(attention_mask, T, prefix_mask, x.dtype, past, query_start)  # (B|1,1,T,S)
         hidden, attns = (x,) if output_hidden_states else None, () if output_attentions else None

@@ -1,5 +1,6 @@
 """The fixed-shape decode step (`generate(..., compile=...)`) gives the eager loop's tokens, and transformers' (float32)."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -148,6 +149,29 @@ def test_decoders_are_reused_rebuilt_and_not_copied():
     w.data = w.data.clone()                                           # a weight in new memory: decoders rebuilt
     assert get_decoder(ours, 5, 64, "static") is not c and len(ours.static_decoders) == 1
 
+
+
+def test_a_decoder_built_by_hand_is_used_as_given():
+    "compile= takes a decoder object; the model's own decoders come from model.static_decoder and are kept."
+    ours = tiny(seed=4)
+    ids, pix, am, tt = prompts()
+    eager = generate(ours, ids, pix, am, tt, max_new_tokens=N_NEW, eos_token_id=[])
+    dec = StaticDecoder(ours, 3, 64)
+    assert torch.equal(generate(ours, ids, pix, am, tt, max_new_tokens=N_NEW, eos_token_id=[], compile=dec), eager)
+    assert ours.static_decoders == {}                                 # the model built none of its own
+    own = ours.static_decoder(3, ids.shape[1] + N_NEW, "static")
+    assert own is ours.static_decoder(3, ids.shape[1] + N_NEW, "static") and len(ours.static_decoders) == 1
+    with pytest.raises(ValueError, match="built for another model"):
+        generate(tiny(seed=5), ids, pix, am, tt, max_new_tokens=N_NEW, compile=dec)
+
+
+def test_one_interface_for_both_model_classes():
+    "Both classes answer text_model and position_offset; generate imports nothing of the fast-decoding module."
+    ours = tiny()
+    assert ours.text_model is ours.language_model and ours.language_model.text_model is ours.language_model
+    assert (ours.position_offset, ours.language_model.position_offset) == (1, 0)
+    src = open(importlib.import_module("paligemma_edu.generate").__file__).read()
+    assert "fast_decoding" not in src and "isinstance(model" not in src
 
 def test_modes_and_limits():
     assert resolve_mode(False, "cpu") is None and resolve_mode(True, "cpu") == "inductor"

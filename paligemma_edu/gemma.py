@@ -200,7 +200,7 @@ class GemmaModel(nn.Module):
                 bad = input_ids[out_of_range]
                 raise ValueError(f"input ids must be in [0, {self.cfg.vocab_size}); found {bad[:5].tolist()}")
         e = self.embed_tokens(input_ids)  # dtype and device from the output: the table may be stored quantized
-        return e * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=e.dtype, device=e.device)
+        return e * torch.full((), self.cfg.hidden_size ** 0.5, dtype=e.dtype, device=e.device)  # no host copy: graph-safe
 
     def attention_biases(self, attention_mask, T, prefix_mask, dtype, past: int = 0, query_start=None):
         "Additive masks for full and (if any) sliding-window layers; None where nothing is masked."

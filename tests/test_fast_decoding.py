@@ -1,6 +1,8 @@
 """The fixed-shape decode step (`generate(..., compile=...)`) gives the eager loop's tokens, and transformers' (float32)."""
 import copy
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -172,6 +174,18 @@ def test_one_interface_for_both_model_classes():
     assert (ours.position_offset, ours.language_model.position_offset) == (1, 0)
     src = open(importlib.import_module("paligemma_edu.generate").__file__).read()
     assert "fast_decoding" not in src and "isinstance(model" not in src
+
+
+def test_a_model_and_its_decoders_are_freed_together():
+    "The decoders live on the model (no module-level table): dropping the model frees it."
+    ours = tiny(seed=6)
+    ids, pix, am, tt = prompts()
+    generate(ours, ids, pix, am, tt, max_new_tokens=4, compile="static")
+    assert len(ours.static_decoders) == 1
+    alive = weakref.ref(ours)
+    del ours
+    gc.collect()
+    assert alive() is None
 
 def test_modes_and_limits():
     assert resolve_mode(False, "cpu") is None and resolve_mode(True, "cpu") == "inductor"

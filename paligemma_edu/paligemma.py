@@ -12,7 +12,8 @@ from torch import nn
 
 from .core import read_json
 from .siglip import SiglipVisionConfig, SiglipVisionModel
-from .gemma import GemmaConfig, GemmaForCausalLM, ModelOutput, default_positions
+from .kv_cache import DecoderStore
+from .gemma import GemmaConfig, GemmaForCausalLM, ModelOutput
 
 # %% auto #0
 __all__ = ['HF_TEXT_DEFAULTS', 'HF_VISION_DEFAULTS', 'HF_IMAGE_TOKEN_INDEX', 'PaliGemmaConfig', 'PaliGemmaMultiModalProjector',
@@ -226,12 +227,20 @@ def check_inputs(cfg: PaliGemmaConfig, input_ids, images_given: bool, past: int,
 # %% ../nbs/09_paligemma.ipynb #ae4d12d7
 class PaliGemmaForConditionalGeneration(nn.Module):
     "SigLIP + projector + Gemma (mirrors HF `PaliGemmaForConditionalGeneration`)."
+    position_offset = 1  # PaliGemma counts RoPE positions from 1 (big_vision, and transformers after it)
+
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = SiglipVisionModel(cfg.vision_config)
         self.multi_modal_projector = PaliGemmaMultiModalProjector(cfg)
         self.language_model = GemmaForCausalLM(cfg.text_config)
+        self.static_decoders = DecoderStore()  # fixed-shape decoders built for this model (generate's compile=)
+
+    @property
+    def text_model(self) -> GemmaForCausalLM:
+        "The causal LM that decodes: the language model."
+        return self.language_model
 
     def gradient_checkpointing_enable(self):
         "Per-layer activation checkpointing in the vision tower and the language model (training only)."
@@ -260,19 +269,17 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                 cache=None, labels=None, image_features=None, logits_to_keep: int = 0,
                 output_attentions=False, output_hidden_states=False) -> ModelOutput:
         "Logits (B, T, V); `token_type_ids` default to all-prefix on the first pass; loss when `labels` given."
-        T, past = input_ids.shape[1], cache.seen if cache is not None else 0
+        past = cache.seen if cache is not None else 0
         check_inputs(self.cfg, input_ids, pixel_values is not None or image_features is not None, past,
                      attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
         if image_features is None and pixel_values is not None: image_features = self.get_image_features(pixel_values)
         x = self.embed(input_ids, image_features)                                 # (B, T, D)
-        if position_ids is None:
-            position_ids = (default_positions(attention_mask, T) + 1 if attention_mask is not None
-                            else torch.arange(past + 1, past + T + 1, device=x.device)[None])
         if past: prefix = None  # the bidirectional block exists only in the prompt pass
         elif token_type_ids is None: prefix = torch.ones_like(input_ids, dtype=torch.bool)
         else: prefix = token_type_ids == 0                                       # (B, T)
         out = self.language_model(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                   prefix_mask=prefix, labels=labels, logits_to_keep=logits_to_keep,
-                                  output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+                                  output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                  position_offset=self.position_offset)
         out.image_features = image_features
         return out

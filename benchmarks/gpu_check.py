@@ -32,7 +32,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import new_run_folder, full_config, full2_config, make_inputs, _text, _pg, counts, decode_bytes_per_step  # noqa: E402
+from run import new_run_folder, full_config, full2_config, make_inputs, _text, _pg, counts, meta_model  # noqa: E402
+from paligemma_edu.fast_decoding import decode_bytes_per_step  # noqa: E402
 
 FP32_TOL = 1e-4  # relative error allowed in float32 (different kernel orders only)
 
@@ -270,7 +271,7 @@ def main(argv=None):
                 folder = Path(tmp) / shape
                 build_weights(scfg, folder, dev)
             Ts = (scfg["vision_config"]["image_size"] // scfg["vision_config"]["patch_size"]) ** 2 + 8
-            roofline[shape] = {B: B * bw["bfloat16"] / decode_bytes_per_step(scfg, counts(scfg), B, Ts + n_fast // 2, 2)
+            roofline[shape] = {B: B * bw["bfloat16"] / decode_bytes_per_step(meta_model(scfg), B, Ts + n_fast // 2, 2)
                                for B in (1, 8)}
             fast[shape] = fast_speed(scfg, folder, dev, n_fast, a.reps, (1, 8), modes, deadline)
             print(f"fast decoding, {shape}: done at {time.perf_counter() - t_start:.0f} s", flush=True)
@@ -283,7 +284,7 @@ def main(argv=None):
     ok = True
     for name in par:
         p, s = par[name], spd[name]
-        roof = bw[name] / decode_bytes_per_step(cfg, cnt, 1, T + n_new // 2, 4 if name == "float32" else 2)
+        roof = bw[name] / decode_bytes_per_step(meta_model(cfg), 1, T + n_new // 2, 4 if name == "float32" else 2)
         lines.append(f"| {name} | {p['rel_err_all']:.2e} | {p['rel_err_last']:.2e} | {p['argmax_last_equal']} | "
                      f"{p['tokens_equal']:.0%} (first diff: {p['first_token_diff']}) | {s['ours']['prefill_ms']:.1f} / "
                      f"{s['hf']['prefill_ms']:.1f} | {s['ours']['decode_tok_s']:.1f} / {s['hf']['decode_tok_s']:.1f} | "

@@ -348,23 +348,21 @@ def spawn(kind, args, **kw) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- accounting
-def counts(cfg: dict) -> dict:
-    "Parameter counts by part (tied embedding counted once)."
+def meta_model(cfg: dict):
+    "Our PaliGemma of this config on the meta device: every shape, no memory."
     from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
     import torch
     c = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    with torch.device("meta"): m = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(c))
+    with torch.device("meta"): return PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(c))
+
+
+def counts(cfg: dict) -> dict:
+    "Parameter counts by part (tied embedding counted once)."
+    m = meta_model(cfg)
     n = lambda mod: sum(p.numel() for p in mod.parameters())
     lm = m.language_model
     return dict(total=n(m), vision=n(m.vision_tower), projector=n(m.multi_modal_projector),
                 embed=lm.model.embed_tokens.weight.numel(), text_layers=n(lm.model.layers) + n(lm.model.norm))
-
-
-def decode_bytes_per_step(cfg, cnt, batch, seq_len, bytes_per):
-    "Bytes read per decode step: text layers + final norm + the (tied) embedding as LM head + the KV cache of every row."
-    t = cfg["text_config"]
-    kv = 2 * t["num_hidden_layers"] * t["num_key_value_heads"] * t["head_dim"] * seq_len * bytes_per * batch
-    return (cnt["text_layers"] + cnt["embed"]) * bytes_per + kv
 
 
 def prefill_flops(cfg, cnt, T):
@@ -569,6 +567,7 @@ def main(argv=None):
 
     import torch
     from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    from paligemma_edu.fast_decoding import decode_bytes_per_step
     if a.report_only and a.out is None: ap.error("--report-only rewrites the report of an existing run: name it with --out")
     out = Path(a.out) if a.out else new_run_folder()
     out.mkdir(parents=True, exist_ok=True)
@@ -642,7 +641,7 @@ def main(argv=None):
             T = n_img + PROMPT_LEN
             bpe = 2 if dtype == "bfloat16" else 4
             bw = info["ceilings"][f"bw_{dtype}_GBps"] * 1e9
-            step = {B: decode_bytes_per_step(cfg, cnt, B, T + a.new_tokens // 2, bpe) for B in (1, 8)}  # bytes read per step
+            step = {B: decode_bytes_per_step(meta_model(cfg), B, T + a.new_tokens // 2, bpe) for B in (1, 8)}  # bytes per step
             roof = {}
             for B in (1, 8):
                 roof[f"decode_b{B}_tok_s"] = res["ours"][f"decode_b{B}_tok_s"] / (B * bw / step[B])

@@ -40,12 +40,13 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_
     return 2 * num_layers * num_kv_heads * head_dim * bytes_per_value
 
 # %% ../nbs/06_attention.ipynb #78114556
-def attention_mask_bool(padding_mask, q_len: int, prefix_mask=None, sliding_window: int | None = None):
-    "Boolean (B,1,T,S) mask from a (B,S) padding mask (1 = token); queries are the last q_len positions."
+def attention_mask_bool(padding_mask, q_len: int, prefix_mask=None, sliding_window: int | None = None, query_start=None):
+    "Boolean (B,1,T,S) mask from a (B,S) padding mask (1 = token); queries are the last q_len positions, or from query_start."
     B, S = padding_mask.shape
     if q_len == 1 and prefix_mask is None and (sliding_window is None or S <= sliding_window):
         return padding_mask.bool()[:, None, None, :]                         # decode step: the last query sees all
-    qi = torch.arange(S - q_len, S, device=padding_mask.device)[:, None]     # (T, 1)
+    start = S - q_len if query_start is None else query_start               # an int, or a (1,) tensor: a static step's slot
+    qi = (start + torch.arange(q_len, device=padding_mask.device))[:, None]  # (T, 1)
     ki = torch.arange(S, device=padding_mask.device)[None, :]                # (1, S)
     allowed = (ki <= qi)[None]                                               # (1, T, S) causal
     if sliding_window is not None: allowed = allowed & (ki > qi - sliding_window)[None]

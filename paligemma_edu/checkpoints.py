@@ -5,29 +5,30 @@
 # %% ../nbs/12_checkpoints.ipynb #123b0c3a
 from __future__ import annotations
 import json
+import math
 import os
-import re
-import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .core import (StagedFolder, check_regular_file, finish_swap, pick_device, pick_dtype, read_json, reading,
-                                verified)
+from .core import (StagedFolder, check_regular_file, pick_device, pick_dtype, read_json,
+                                reading, resolve_folder, verified)
 from .gemma import GemmaConfig, GemmaForCausalLM
-from .paligemma import PaliGemmaConfig
-from .paligemma import HF_TEXT_DEFAULTS, PaliGemmaForConditionalGeneration
+from .paligemma import HF_TEXT_DEFAULTS, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 # %% auto #0
-__all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'GEMMA_HEAD', 'GEMMA_EMBED', 'read_index', 'find_weight_files',
-           'all_finite', 'CheckpointError', 'check_placement', 'read_safetensors', 'read_npz', 'map_key',
-           'remap_state_dict', 'check_state_dict', 'tie_head', 'skip_init_weights', 'empty_model', 'load_into',
-           'resolve_folder', 'from_pretrained', 'to_published_key', 'stale_weight_files', 'save_pretrained',
-           'gemma_config_from_file', 'load_gemma_into', 'from_pretrained_gemma', 'save_pretrained_gemma']
+__all__ = ['INDEX', 'SINGLE', 'KEY_RULES', 'HEAD', 'EMBED', 'QUANT_METHOD', 'QUANTIZERS', 'GEMMA_HEAD', 'GEMMA_EMBED',
+           'read_index', 'find_weight_files', 'all_finite', 'CheckpointError', 'check_placement', 'read_safetensors',
+           'TensorInfo', 'read_header', 'tensor_infos', 'row_blocks', 'read_npz', 'map_key', 'remap_state_dict',
+           'check_state_dict', 'drop_tied_head', 'tie_head', 'check_tensors', 'skip_init_weights', 'empty_model',
+           'load_into', 'assign_tensor', 'float_specs', 'load_checkpoint', 'from_pretrained', 'to_published_key',
+           'stale_weight_files', 'save_pretrained', 'gemma_config_from_file', 'load_gemma_into',
+           'from_pretrained_gemma', 'save_pretrained_gemma']
 
 # %% ../nbs/12_checkpoints.ipynb #b4bc2783
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
@@ -102,6 +103,69 @@ def read_safetensors(files, weight_map: dict | None = None) -> dict:
             raise ValueError(f"could not read safetensors file {str(f)!r} (truncated or corrupt?): {e}") from None
     return out
 
+# %% ../nbs/12_checkpoints.ipynb #4c379917
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+              "BOOL": torch.bool}
+
+class TensorInfo:
+    "Where one tensor lives in a safetensors file: dtype, shape, byte offset and size."
+    def __init__(self, path, name, dtype, shape, offset, nbytes):
+        self.path, self.name, self.dtype, self.shape, self.offset, self.nbytes = path, name, dtype, tuple(shape), offset, nbytes
+
+    def read(self, rows=None):
+        "The tensor (or rows start..stop of it) read into fresh memory with plain file reads (no memory map); finite."
+        start, stop = rows or (0, self.shape[0] if self.shape else 1)
+        row_bytes = self.nbytes // max(self.shape[0], 1) if self.shape else self.nbytes
+        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * row_bytes)
+            if f.readinto(buf.numpy()) != buf.numel():
+                raise ValueError(f"{self.path} ends inside tensor {self.name!r} (truncated file?)")
+        t = buf.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
+        if not all_finite(t):
+            raise CheckpointError(f"tensor {self.name!r} in {self.path} holds NaN or infinite values; the checkpoint is damaged")
+        return t
+
+def read_header(path) -> dict:
+    "TensorInfo of every tensor of a safetensors file (a little-endian u64 header size, a JSON header, raw bytes)."
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8: raise ValueError(f"header size {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        out = {}
+        for name, e in header.items():
+            if name == "__metadata__": continue
+            if e["dtype"] not in _ST_DTYPES: raise ValueError(f"tensor {name!r} has unsupported dtype {e['dtype']}")
+            dtype, (b, end) = _ST_DTYPES[e["dtype"]], e["data_offsets"]
+            nbytes = math.prod(e["shape"]) * dtype.itemsize
+            if end - b != nbytes or 8 + n + end > size:
+                raise ValueError(f"tensor {name!r} ({e['dtype']} {e['shape']}) has byte range {b}..{end} that does not "
+                                 f"fit its shape or the file ({size} bytes)")
+            out[name] = TensorInfo(path, name, dtype, e["shape"], 8 + n + b, nbytes)
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"could not read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from None
+
+def tensor_infos(folder) -> dict:
+    "TensorInfo of every tensor of a checkpoint folder under our names: each stored once, where the index says."
+    files, weight_map = find_weight_files(folder)
+    infos, origin = {}, {}
+    for f in files:
+        for k, info in read_header(verified(f, "safetensors file")).items():
+            check_placement(k, f, origin, weight_map)
+            infos[k], origin[k] = info, f
+    return remap_state_dict(infos)
+
+def row_blocks(infos: list, block_bytes: int = 1 << 23):
+    "Read tensors with the same number of rows a block of rows at a time (a multiple of 64, ~block_bytes): yields (row, [rows])."
+    n, row_bytes = infos[0].shape[0], max(t.nbytes // max(t.shape[0], 1) for t in infos)
+    step = max(64, block_bytes // max(row_bytes, 1) // 64 * 64)
+    for i in range(0, n, step): yield i, [t.read((i, min(i + step, n))) for t in infos]
+
 # %% ../nbs/12_checkpoints.ipynb #b9e617e7
 def _to_torch(a: np.ndarray) -> torch.Tensor:
     "A numpy array from an .npz as a tensor; bfloat16, which numpy saves as 2-byte 'void', is viewed back."
@@ -173,13 +237,38 @@ def check_state_dict(expected: dict, found: dict):
                  f"{len(shapes)} mis-shaped: {shapes}" if shapes else ""]
         raise ValueError("checkpoint does not match the model config; " + "; ".join(p for p in parts if p))
 
+def _equal(a, b) -> bool:
+    "Same shape and values: two tensors, or two TensorInfo compared a block of rows at a time (never read whole)."
+    if a is b: return True
+    if tuple(a.shape) != tuple(b.shape): return False
+    if isinstance(a, TensorInfo): return all(torch.equal(x, y) for _, (x, y) in row_blocks([a, b]))
+    return torch.equal(a, b)
+
+def drop_tied_head(sd: dict) -> dict:
+    "Remove the LM head from `sd` (our names, tensors or TensorInfo) after checking it equals the embedding it is tied to."
+    if HEAD in sd and EMBED in sd:
+        if not _equal(sd[HEAD], sd[EMBED]):
+            raise ValueError("checkpoint has an LM head that differs from the token embedding; this model ties them")
+        del sd[HEAD]
+    return sd
+
 def tie_head(sd: dict) -> dict:
     "Give the tied LM head the embedding's tensor; a head that differs from the embedding raises."
-    if HEAD in sd and EMBED in sd and sd[HEAD] is not sd[EMBED]:
-        if sd[HEAD].shape != sd[EMBED].shape or not torch.equal(sd[HEAD], sd[EMBED]):
-            raise ValueError("checkpoint has an LM head that differs from the token embedding; this model ties them")
+    sd = drop_tied_head(sd)
     if EMBED in sd: sd[HEAD] = sd[EMBED]
     return sd
+
+def check_tensors(expected: dict, found: dict):
+    "`found` (tensors or TensorInfo) against `expected` {name: (shape, dtype; None for any float)}: names, shapes, dtypes."
+    check_state_dict({k: s for k, (s, _) in expected.items()}, found)
+    kinds = sorted(f"{k} ({found[k].dtype})" for k, (_, dt) in expected.items()
+                   if (dt is None) != found[k].dtype.is_floating_point)
+    if kinds:
+        raise CheckpointError(f"checkpoint tensors of the wrong kind (weights must be floating point, buffers as saved): "
+                              f"{kinds[:5]}{' ...' if len(kinds) > 5 else ''}; the file was written with wrong dtypes")
+    bad = [f"{k}: expected {dt}, found {found[k].dtype}" for k, (_, dt) in expected.items()
+           if dt is not None and found[k].dtype != dt]
+    if bad: raise ValueError(f"checkpoint tensors of the wrong dtype: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
 
 # %% ../nbs/12_checkpoints.ipynb #cf30dca5
 _INIT_FNS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
@@ -219,21 +308,56 @@ def load_into(model, sd: dict, dtype, device):
     lm.lm_head.weight = lm.model.embed_tokens.weight  # re-tie: assign created two Parameters
     return model.to(device)  # the non-persistent buffers (RoPE frequencies, position ids)
 
-def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.model")) -> Path:
-    "A local folder for `path`: a folder here, or a Hub repo id ('org/name') fetched with huggingface_hub."
-    if isinstance(path, (str, os.PathLike)) and not str(path).strip():
-        raise ValueError("the checkpoint path is empty; give a folder or a Hub repo id ('' would mean the current folder)")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
-    folder = Path(path)
-    msg = finish_swap(folder)  # a run killed while replacing this folder: its new (or old) version put in place
-    if msg: warnings.warn(msg, stacklevel=3)
-    if folder.exists():
-        if not folder.is_dir(): raise NotADirectoryError(f"{str(path)!r} is a file; expected a checkpoint folder")
-        return folder
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-    return _download(str(path), list(allow_patterns))  # looks like a Hub repo id: "org/name"
+
+# %% ../nbs/12_checkpoints.ipynb #67633172
+QUANT_METHOD = "paligemma_edu"  # the `quant_method` of the quantized folders this library writes (20_quantization)
+QUANTIZERS = {}  # quant_method -> prepare(model, saved, quantize, dtype, device, config_file) -> (expected, on_tensor)
+
+def assign_tensor(module, leaf: str, t):
+    "Put tensor `t` in place of parameter or buffer `leaf` of `module` (a parameter keeps its requires_grad)."
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=module._parameters[leaf].requires_grad)
+    else: module._buffers[leaf] = t
+
+def float_specs(model) -> dict:
+    "{name: (shape, dtype; None for any float)} of the tensors a float checkpoint of `model` holds (the tied head once)."
+    return {k: (tuple(t.shape), None if t.is_floating_point() else t.dtype) for k, t in model.state_dict().items() if k != HEAD}
+
+def _mapped(info: TensorInfo, handles: dict, stack: ExitStack) -> torch.Tensor:
+    "One whole tensor through safe_open's memory map (one handle per file, kept open in `stack`); finite."
+    try:
+        if info.path not in handles: handles[info.path] = stack.enter_context(safe_open(str(info.path), framework="pt"))
+        t = handles[info.path].get_tensor(info.name)
+    except Exception as e:
+        raise ValueError(f"could not read safetensors file {str(info.path)!r} (truncated or corrupt?): {e}") from None
+    if not all_finite(t):
+        raise CheckpointError(f"tensor {info.name!r} in {info.path} holds NaN or infinite values; the checkpoint is damaged")
+    return t
+
+def load_checkpoint(model, infos: dict, dtype, device, on_tensor=None):
+    "Assign every tensor of `infos` into an uninitialised `model`, memory-mapped; `on_tensor(name, info)` may take one over."
+    modules = dict(model.named_modules())
+    with ExitStack() as stack:
+        handles = {}
+        for name, info in infos.items():
+            if on_tensor is not None and on_tensor(name, info): continue
+            t = _mapped(info, handles, stack)
+            mod_name, _, leaf = name.rpartition(".")
+            assign_tensor(modules[mod_name], leaf, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+    lm = model.language_model
+    if isinstance(getattr(lm.lm_head, "weight", None), nn.Parameter):  # a float head shares the embedding's tensor
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    return model.to(device)  # the non-persistent buffers (RoPE frequencies, position ids)
+
+def _quantizer(saved: dict | None, cfg_file):
+    "The `prepare` function of a folder's `quant_method` (this library's for `quantize=`); clear errors."
+    method = saved["quant_method"] if saved is not None else QUANT_METHOD
+    if method in QUANTIZERS: return QUANTIZERS[method]
+    if method != QUANT_METHOD:
+        raise ValueError(f"{cfg_file}: quantization_config {saved!r} is not one this library wrote "
+                         f"(quant_method {QUANT_METHOD!r})")
+    raise RuntimeError("quantized checkpoints are read with the hook of paligemma_edu.quantization (20_quantization), "
+                       "which is not imported; import it (`import paligemma_edu` does)")
 
 def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str = "sdpa", quantize=None):
     "Load a PaliGemma checkpoint folder (HF layout) strictly, without random initialisation; quantize: 'int8' or 'int4'."
@@ -242,21 +366,20 @@ def from_pretrained(cls, path, dtype=None, device=None, attn_implementation: str
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}; it holds {sorted(p.name for p in folder.iterdir())}")
     with reading(folder):  # a save into the folder is not half seen; a crash's interrupted save is completed first
-        if quantize is not None or "quantization_config" in read_json(cfg_file, "config"):  # see 20_quantization
-            from paligemma_edu.quantization import from_pretrained_quantized
-            return from_pretrained_quantized(cls, folder, quantize, dtype, device, attn_implementation)
-        dtype, device = pick_dtype(dtype), pick_device(device)
-        sd = remap_state_dict(read_safetensors(*find_weight_files(folder)))
-        model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)
-        return load_into(model, sd, dtype, device).eval()
+        cfg = PaliGemmaConfig.from_json_file(cfg_file)
+        dtype, device, saved = pick_dtype(dtype), pick_device(device), cfg.quantization_config
+        model = empty_model(cls, cfg, attn_implementation)
+        expected, on_tensor = float_specs(model), None
+        if quantize is not None or saved is not None:  # the quantization swaps the layers and gives the hook
+            expected, on_tensor = _quantizer(saved, cfg_file)(model, saved, quantize, dtype, device, cfg_file)
+        infos = drop_tied_head(tensor_infos(folder))  # headers only: nothing is read yet
+        try: check_tensors(expected, infos)
+        except ValueError as e:
+            if saved is None: raise
+            raise ValueError(f"{folder}: the tensors do not match the quantization settings in config.json "
+                             f"({model.cfg.quantization_config}): {e}") from None
+        return load_checkpoint(model, infos, dtype, device, on_tensor).eval()
 
-def _download(repo_id: str, allow_patterns: list) -> Path:
-    "Fetch a Hub repo with huggingface_hub if installed (the only network path of the library)."
-    try: from huggingface_hub import snapshot_download
-    except ImportError:
-        raise FileNotFoundError(f"{repo_id!r} is not a folder here, and huggingface_hub is not installed to fetch it "
-                                f"from the Hub (pip install huggingface_hub)") from None
-    return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
 
 # %% ../nbs/12_checkpoints.ipynb #8cb65aba
 def to_published_key(k: str) -> str:
@@ -278,8 +401,7 @@ def save_pretrained(model, folder, processor=None):
     if isinstance(folder, str) and not folder.strip(): raise ValueError("the output folder is empty ('')")
     folder = Path(folder)
     with StagedFolder(folder, manifest=True) as st:
-        cfg = model.cfg.to_dict()  # a quantized model (20_quantization) also records its settings; its state_dict is portable
-        if getattr(model, "quantization", None) is not None: cfg["quantization_config"] = model.quantization
+        cfg = model.cfg.to_dict()  # a quantized model's (20_quantization) has its settings; its state_dict is portable
         st.write_text("config.json", json.dumps(cfg, indent=2))
         sd = {to_published_key(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != HEAD}
         save_file(sd, str(st.path(SINGLE)), metadata={"format": "pt"})

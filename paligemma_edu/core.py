@@ -27,7 +27,7 @@ from torch import nn
 __all__ = ['MAX_JSON_BYTES', 'MANIFEST', 'JOURNAL', 'MANIFEST_FORMAT', 'pick_device', 'pick_dtype', 'seed_everything',
            'model_device', 'evaluating', 'LayerDiff', 'compare_layers', 'check_regular_file', 'read_json',
            'folder_lock', 'sha256_file', 'finish_commit', 'clean_leftovers', 'read_manifest', 'verified', 'reading',
-           'StagedFolder', 'swap_in_folder', 'finish_swap']
+           'StagedFolder', 'swap_in_folder', 'finish_swap', 'resolve_folder']
 
 # %% ../nbs/00_core.ipynb #a4e71a37
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -403,3 +403,29 @@ def finish_swap(target) -> str | None:
                 what = "the previous version" if kind == "old" else "the unfinished output"
                 done.append(f"removed {what} {p.name} ({size / 1e6:.1f} MB)")
     return f"{target}: a run that wrote it was killed; " + "; ".join(done) if done else None
+
+# %% ../nbs/00_core.ipynb #3b1c033e
+def _download(repo_id: str, allow_patterns: list) -> Path:
+    "Fetch a Hub repo with huggingface_hub if installed (the only network path of the library)."
+    try: from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"{repo_id!r} is not a folder here, and huggingface_hub is not installed to fetch it "
+                                f"from the Hub (pip install huggingface_hub)") from None
+    return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+
+def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.model")) -> Path:
+    "A local folder for `path`: a folder here, or a Hub repo id ('org/name') fetched with huggingface_hub."
+    if isinstance(path, (str, os.PathLike)) and not str(path).strip():
+        raise ValueError("the checkpoint path is empty; give a folder or a Hub repo id ('' would mean the current folder)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a folder path or Hub repo id; found {type(path).__name__}")
+    folder = Path(path)
+    msg = finish_swap(folder)  # a run killed while replacing this folder: its new (or old) version put in place
+    if msg: warnings.warn(msg, stacklevel=3)
+    if folder.exists():
+        if not folder.is_dir(): raise NotADirectoryError(f"{str(path)!r} is a file; expected a checkpoint folder")
+        return folder
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
+    return _download(str(path), list(allow_patterns))  # looks like a Hub repo id: "org/name"
+

@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import kv_bytes_per_token, mask_to_bias
-from .kv_cache import KVCache
+from .core import model_device
+from .attention import kv_bytes_per_token
+from .gemma import GemmaForCausalLM
 from .paligemma import PaliGemmaForConditionalGeneration
 from .generate import decode_loop, next_token
 
 # %% auto #0
-__all__ = ['MATMUL_OPS', 'FAST_MODES', 'CHECK_EVERY', 'profile_step', 'plot_step_breakdown', 'decode_bytes_per_step', 'SlotCache',
+__all__ = ['MATMUL_OPS', 'FAST_MODES', 'CHECK_EVERY', 'profile_step', 'plot_step_breakdown', 'decode_bytes_per_step',
            'StaticDecodeStep', 'StaticDecoder', 'CUDAGraphStep', 'compile_reduce_overhead', 'resolve_mode',
-           'length_bucket', 'get_decoder', 'fast_generate', 'compile_cache_dir', 'use_compile_cache',
+           'length_bucket', 'get_decoder', 'static_decoder', 'compile_cache_dir', 'use_compile_cache',
            'plot_decode_times']
 
 # %% ../nbs/19_fast_decoding.ipynb #3b03130e
@@ -63,64 +64,32 @@ def plot_step_breakdown(profiles: dict, ax=None):
 # %% ../nbs/19_fast_decoding.ipynb #2b60cc67
 def decode_bytes_per_step(model, batch_size: int = 1, seq_len: int = 0, bytes_per_value: int = 2) -> int:
     "Bytes a decode step reads: text-layer weights, the tied embedding (as LM head), the KV cache of every row."
-    lm = model.language_model if isinstance(model, PaliGemmaForConditionalGeneration) else model
+    lm = model.text_model
     c = lm.cfg
     n = sum(p.numel() for p in lm.model.layers.parameters()) + lm.model.norm.weight.numel() + c.vocab_size * c.hidden_size
     kv = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, bytes_per_value)
     return n * bytes_per_value + batch_size * seq_len * kv
 
 # %% ../nbs/19_fast_decoding.ipynb #4c091dae
-class SlotCache:
-    "KV-cache adapter for the static step: write k, v at the slot held in a tensor, return every slot."
-    def __init__(self, kv: KVCache, slot):
-        self.kv, self.slot = kv, slot
-
-    def update(self, layer: int, k, v):  # (B, K, 1, Dh) each
-        self.kv.k[layer].index_copy_(2, self.slot, k)
-        self.kv.v[layer].index_copy_(2, self.slot, v)
-        return self.kv.k[layer], self.kv.v[layer]                            # (B, K, L, Dh): all slots
-
 class StaticDecodeStep(nn.Module):
-    "One decode step with the same shapes at every call: attends over all L cache slots; state kept in device tensors."
+    "One decode step with the same shapes at every call: the model's own forward over a StaticKVCache."
     def __init__(self, model, batch_size: int, max_len: int):
         super().__init__()
-        self.is_vlm = isinstance(model, PaliGemmaForConditionalGeneration)
-        self.lm = model.language_model if self.is_vlm else model
-        cfg, w = self.lm.cfg, self.lm.model.norm.weight  # dtype and device (the embedding may be stored quantized)
-        self.kv = self.lm.new_cache(batch_size, max_len)                     # (B, K, L, Dh) per layer
-        self.cache = SlotCache(self.kv, torch.zeros(1, dtype=torch.long, device=w.device))
-        self.slot = self.cache.slot                                           # (1,) where this step writes
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=w.device)            # (B,) RoPE positions
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=w.device)  # (B, L) slots to attend to
-        self.slots = torch.arange(max_len, device=w.device)                  # (L,)
-        cos, sin = self.lm.model.rotary_emb(torch.arange(max_len + 2, device=w.device)[None], w.dtype)  # (1, L+2, Dh)
-        self.cos, self.sin = cos[0], sin[0]                                   # (L+2, Dh): looked up by position
-        self.normalizer = torch.tensor(cfg.hidden_size ** 0.5, dtype=w.dtype, device=w.device)
-        self.window = cfg.sliding_window if any(l.is_sliding for l in self.lm.model.layers) else None
+        self.lm, self.offset = model.text_model, model.position_offset
+        self.kv = self.lm.new_cache(batch_size, max_len, static=True)      # (B, K, L, Dh) per layer, slot, valid
+        self.slot = self.kv.slot                                              # (1,) where this step writes
+
+    @property
+    def pos(self):  # (B,)
+        "Each row's RoPE position for the next token: its real tokens so far, counted from the model's offset."
+        return self.kv.valid.sum(-1) + self.offset
 
     def state_tensors(self) -> list:
         "Every tensor the step reads and writes besides the weights (kept at fixed addresses)."
-        return [*self.kv.k, *self.kv.v, self.slot, self.pos, self.valid]
-
-    def reset(self, attention_mask):
-        "Start decoding after a left-padded prompt (mask (B, T)) was written into slots 0..T-1."
-        T = attention_mask.shape[1]
-        self.valid.zero_()
-        self.valid[:, :T] = attention_mask.bool()
-        self.slot.fill_(T)
-        self.pos.copy_(attention_mask.sum(-1) + int(self.is_vlm))           # PaliGemma counts positions from 1
+        return self.kv.state_tensors()
 
     def forward(self, tok):  # (B,) -> logits (B, V)
-        x = self.lm.model.embed_tokens(tok[:, None]) * self.normalizer      # (B, 1, D)
-        cos, sin = self.cos[self.pos][:, None], self.sin[self.pos][:, None]  # (B, 1, Dh)
-        self.valid.index_fill_(1, self.slot, True)
-        full = mask_to_bias(self.valid[:, None, None, :], cos.dtype)         # (B, 1, 1, L)
-        sliding = full if self.window is None else mask_to_bias(
-            (self.valid & (self.slots > self.slot - self.window))[:, None, None, :], cos.dtype)
-        for layer in self.lm.model.layers:
-            x, _ = layer(x, cos, sin, sliding if layer.is_sliding else full, self.cache)
-        self.pos.add_(1); self.slot.add_(1)
-        return self.lm.logits(self.lm.model.norm(x))[:, -1]                  # (B, V)
+        return self.lm(tok[:, None], cache=self.kv, position_offset=self.offset).logits[:, -1]
 
 # %% ../nbs/19_fast_decoding.ipynb #7e8ecaac
 FAST_MODES = ("static", "inductor", "cuda-graph", "reduce-overhead")
@@ -143,15 +112,17 @@ class StaticDecoder:
                  pad: int = 0, generator=None, streamer=None):
         "generate's loop (`decode_loop`) with the static step (inputs already validated): returns (B, T + new)."
         (B, T), kv = input_ids.shape, self.step.kv
+        if model.text_model is not self.step.lm:
+            raise ValueError("this decoder was built for another model: build one with StaticDecoder(model, ...) or "
+                             "let generate use the model's own (compile=True or a mode)")
         if B != kv.batch_size or T + max_new_tokens > kv.max_len:
             raise ValueError(f"this decoder holds batch {kv.batch_size} x {kv.max_len} positions; got batch {B} "
                              f"with {T} prompt + {max_new_tokens} new tokens")
         if self.run is None: self.run = CUDAGraphStep(self.step)
         if attention_mask is None: attention_mask = torch.ones_like(input_ids)
-        self.step.kv.reset()
-        extra = dict(pixel_values=pixel_values, token_type_ids=token_type_ids) if self.step.is_vlm else {}
-        logits = model(input_ids, attention_mask=attention_mask, cache=self.step.kv, logits_to_keep=1, **extra).logits[:, -1]
-        self.step.reset(attention_mask)
+        kv.reset()
+        extra = {} if model.text_model is model else dict(pixel_values=pixel_values, token_type_ids=token_type_ids)
+        logits = model(input_ids, attention_mask=attention_mask, cache=kv, logits_to_keep=1, **extra).logits[:, -1]
         out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=input_ids.device)
         out[:, :T] = input_ids
         pick = lambda logits: next_token(logits, do_sample, temperature, top_k, top_p, generator)
@@ -165,14 +136,15 @@ class CUDAGraphStep:
         dev = step.slot.device
         if dev.type != "cuda" or not torch.cuda.is_available():
             raise RuntimeError(f"CUDA graphs need the model on a CUDA device; it is on {dev}")
-        self.step, self.tok = step, torch.zeros_like(step.pos)              # (B,) the static input
-        saved = [t.clone() for t in (step.slot, step.pos, step.valid)]
+        self.step, self.tok = step, torch.zeros_like(step.kv.valid[:, 0], dtype=torch.long)  # (B,) the static input
+        state = (step.kv.slot, step.kv.valid)
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):                                        # lazy initialisations happen here
             for _ in range(warmup): step(self.tok)
         torch.cuda.current_stream(dev).wait_stream(side)
-        for t, s in zip((step.slot, step.pos, step.valid), saved): t.copy_(s)
+        for t, s in zip(state, saved): t.copy_(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph): self.logits = step(self.tok)     # recorded, not run
 
@@ -207,14 +179,9 @@ def length_bucket(n: int, max_positions: int, smallest: int = 64) -> int:
     "Cache length for n slots: the next power of two (at least `smallest`), capped at max(n, max_positions)."
     return max(n, min(max(smallest, 1 << (n - 1).bit_length()), max_positions))
 
-class _Decoders(dict):
-    "A model's StaticDecoders by (batch, length, mode, dtype, device); a copy of the model starts with none."
-    def __deepcopy__(self, memo): return _Decoders()
-    def __reduce__(self): return (_Decoders, ())
-
 def get_decoder(model, batch_size: int, max_len: int, mode: str, keep: int = 4) -> StaticDecoder:
     "The model's StaticDecoder for this batch size, length and mode, built (compiled, captured) on first use."
-    store = model.__dict__.setdefault("_static_decoders", _Decoders())
+    store = model.static_decoders                                            # (batch, length, mode, dtype, device) -> decoder
     w = next(model.parameters())
     key, weights = (batch_size, max_len, mode, w.dtype, str(w.device)), tuple(p.data_ptr() for p in model.parameters())
     for k in [k for k, d in store.items() if d.weights != weights]: del store[k]  # built on weights since replaced
@@ -226,14 +193,12 @@ def get_decoder(model, batch_size: int, max_len: int, mode: str, keep: int = 4) 
     while len(store) > keep: store.pop(next(iter(store)))
     return dec
 
-def fast_generate(model, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, max_new_tokens=20,
-                  mode=True, **loop_kwargs):
-    "generate's fast path: the model's decoder for this batch size and length bucket runs the loop."
-    lm = model.language_model if isinstance(model, PaliGemmaForConditionalGeneration) else model
-    mode = resolve_mode(mode, input_ids.device) or "static"
-    B, T = input_ids.shape
-    dec = get_decoder(model, B, length_bucket(T + max_new_tokens, lm.cfg.max_position_embeddings), mode)
-    return dec.generate(model, input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens, **loop_kwargs)
+def static_decoder(self, batch_size: int, length: int, mode: bool | str = True) -> StaticDecoder:
+    "This model's StaticDecoder for batch_size rows of up to `length` tokens (its length bucket) in `mode` (resolve_mode)."
+    mode = resolve_mode(mode, model_device(self)) or "static"
+    return get_decoder(self, batch_size, length_bucket(length, self.text_model.cfg.max_position_embeddings), mode)
+
+PaliGemmaForConditionalGeneration.static_decoder = GemmaForCausalLM.static_decoder = static_decoder
 
 # %% ../nbs/19_fast_decoding.ipynb #9a26948e
 def compile_cache_dir():

@@ -16,7 +16,7 @@ from .rmsnorm import GemmaRMSNorm
 from .rope import RotaryEmbedding, apply_rope
 from .attention_kernels import soft_cap
 from .attention import gqa_attention, attention_mask_bool, mask_to_bias
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StaticKVCache, DecoderStore
 
 # %% auto #0
 __all__ = ['GemmaConfig', 'GemmaMLP', 'GemmaAttention', 'GemmaDecoderLayer', 'ModelOutput', 'default_positions', 'GemmaModel',
@@ -175,10 +175,10 @@ class ModelOutput:
     last_hidden_state: torch.Tensor | None = None
     image_features: torch.Tensor | None = None
 
-def default_positions(attention_mask, q_len: int):
-    "Positions of the last q_len tokens: number of real tokens before each (pads get 0)."
-    if q_len == 1: return (attention_mask.long().sum(-1, keepdim=True) - 1).clamp(min=0)  # decode: no scan over S
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+def default_positions(attention_mask, q_len: int, offset: int = 0):
+    "Positions of the last q_len tokens: offset + the number of real tokens before each (pads get offset)."
+    if q_len == 1: return (attention_mask.sum(-1, keepdim=True, dtype=torch.long) - (1 - offset)).clamp(min=offset)  # no scan
+    return (attention_mask.cumsum(-1, dtype=torch.long) - (1 - offset)).clamp(min=offset)[:, -q_len:]
 
 # %% ../nbs/08_gemma.ipynb #9111aaea
 class GemmaModel(nn.Module):
@@ -192,16 +192,17 @@ class GemmaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.gradient_checkpointing = False  # recompute each layer in backward instead of keeping its activations
 
-    def embed(self, input_ids):  # (B, T) -> (B, T, D)
-        "Embedding lookup times sqrt(hidden_size) (rounded to the embedding's dtype), with a vocabulary check."
-        out_of_range = (input_ids < 0) | (input_ids >= self.cfg.vocab_size)
-        if out_of_range.any():  # one reduction, one host sync
-            bad = input_ids[out_of_range]
-            raise ValueError(f"input ids must be in [0, {self.cfg.vocab_size}); found {bad[:5].tolist()}")
+    def embed(self, input_ids, check: bool = True):  # (B, T) -> (B, T, D)
+        "Embedding lookup times sqrt(hidden_size) (rounded to the embedding's dtype), after a vocabulary check unless told."
+        if check:
+            out_of_range = (input_ids < 0) | (input_ids >= self.cfg.vocab_size)
+            if out_of_range.any():  # one reduction, one host sync
+                bad = input_ids[out_of_range]
+                raise ValueError(f"input ids must be in [0, {self.cfg.vocab_size}); found {bad[:5].tolist()}")
         e = self.embed_tokens(input_ids)  # dtype and device from the output: the table may be stored quantized
-        return e * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=e.dtype, device=e.device)
+        return e * torch.full((), self.cfg.hidden_size ** 0.5, dtype=e.dtype, device=e.device)  # no host copy: graph-safe
 
-    def attention_biases(self, attention_mask, T, prefix_mask, dtype, past: int = 0):
+    def attention_biases(self, attention_mask, T, prefix_mask, dtype, past: int = 0, query_start=None):
         "Additive masks for full and (if any) sliding-window layers; None where nothing is masked."
         if attention_mask is None and T == 1 and prefix_mask is None:  # unpadded decode step: every key is allowed
             w = self.cfg.sliding_window
@@ -209,9 +210,10 @@ class GemmaModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(prefix_mask.shape[0] if prefix_mask is not None else 1, past + T,
                                         dtype=torch.long, device=self.norm.weight.device)
-        full = mask_to_bias(attention_mask_bool(attention_mask, T, prefix_mask), dtype)
+        full = mask_to_bias(attention_mask_bool(attention_mask, T, prefix_mask, query_start=query_start), dtype)
         if self.cfg.sliding_window is None or not any(l.is_sliding for l in self.layers): return full, full
-        return full, mask_to_bias(attention_mask_bool(attention_mask, T, prefix_mask, self.cfg.sliding_window), dtype)
+        window = attention_mask_bool(attention_mask, T, prefix_mask, self.cfg.sliding_window, query_start)
+        return full, mask_to_bias(window, dtype)
 
     def check_shapes(self, B: int, T: int, attention_mask, cache):
         "Raise if B x T new tokens do not fit the cache or the positions, or the mask does not cover cached + new."
@@ -227,19 +229,24 @@ class GemmaModel(nn.Module):
                              f"(it covers cached positions too); got {tuple(attention_mask.shape)}")
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
-                prefix_mask=None, output_attentions=False, output_hidden_states=False):
+                prefix_mask=None, output_attentions=False, output_hidden_states=False, position_offset: int = 0):
         "Final hidden states (B, T, D) of a sequence, a prefill or a decode step; per-layer outputs on request."
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds           # (B, T, D)
-        B, T, _ = x.shape
-        past = cache.seen if cache is not None else 0
-        self.check_shapes(B, T, attention_mask, cache)
-        if position_ids is None:  # no mask: no padding, positions are just past..past+T-1
-            position_ids = (default_positions(attention_mask, T) if attention_mask is not None
-                            else torch.arange(past, past + T, device=x.device)[None])
+        T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        step = isinstance(cache, StaticKVCache) and T == 1  # a fixed-shape step: nothing read back on the host
+        x = self.embed(input_ids, check=not step) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, past, query_start = x.shape[0], 0, None
+        if step: attention_mask, query_start = cache.step_mask(), cache.slot            # (B, L) every slot; (1,)
+        else:
+            past = cache.seen if cache is not None else 0
+            self.check_shapes(B, T, attention_mask, cache)
+        if position_ids is None:  # the one position rule: real tokens before each, counted from position_offset
+            first = past + position_offset                                              # without a mask: no padding
+            position_ids = (default_positions(attention_mask, T, position_offset) if attention_mask is not None
+                            else torch.arange(first, first + T, device=x.device)[None])
         cos, sin = self.rotary_emb(position_ids, x.dtype)                               # (B|1, T, Dh)
-        full, sliding = self.attention_biases(attention_mask, T, prefix_mask, x.dtype, past)  # (B|1, 1, T, S) or None
+        full, sliding = self.attention_biases(attention_mask, T, prefix_mask, x.dtype, past, query_start)  # (B|1,1,T,S)
         hidden, attns = (x,) if output_hidden_states else None, () if output_attentions else None
         remat = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
@@ -248,7 +255,7 @@ class GemmaModel(nn.Module):
             else: x, probs = layer(x, cos, sin, bias, cache, output_attentions)
             if output_hidden_states: hidden += (x,)
             if output_attentions: attns += (probs,)
-        if cache is not None: cache.advance(T)
+        if cache is not None: cache.advance(T, attention_mask)
         return ModelOutput(last_hidden_state=self.norm(x), hidden_states=hidden, attentions=attns)
 
 # %% ../nbs/08_gemma.ipynb #283b222e
@@ -259,12 +266,20 @@ def causal_lm_loss(logits, labels, ignore_index=-100):
 
 class GemmaForCausalLM(nn.Module):
     "Gemma with a tied LM head (mirrors HF `GemmaForCausalLM`; state_dict keys equal)."
+    position_offset = 0  # RoPE position of the first token
+
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
         self.cfg = cfg
         self.model = GemmaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.model.embed_tokens.weight  # tied
+        self.static_decoders = DecoderStore()  # fixed-shape decoders built for this model (generate's compile=)
+
+    @property
+    def text_model(self) -> "GemmaForCausalLM":
+        "The causal LM that decodes: this model."
+        return self
 
     def logits(self, h, logits_to_keep: int = 0):  # (B, T, D) -> (B, T', V)
         "LM head (+ final soft-capping) on the last logits_to_keep positions (0 = all)."
@@ -281,20 +296,20 @@ class GemmaForCausalLM(nn.Module):
         "Keep every activation for backward (the default)."
         self.model.gradient_checkpointing = False
 
-    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
-        "An empty KV cache sized for this model."
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None, static: bool = False) -> KVCache:
+        "An empty KV cache sized for this model (a StaticKVCache if static)."
         w = self.model.norm.weight  # not the embedding, which may be stored quantized
-        return KVCache(self.cfg.num_hidden_layers, batch_size, self.cfg.num_key_value_heads, self.cfg.head_dim,
-                       max_len, dtype or w.dtype, device or w.device)
+        return (StaticKVCache if static else KVCache)(self.cfg.num_hidden_layers, batch_size, self.cfg.num_key_value_heads,
+                                                      self.cfg.head_dim, max_len, dtype or w.dtype, device or w.device)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
                 prefix_mask=None, labels=None, logits_to_keep: int = 0, output_attentions=False,
-                output_hidden_states=False) -> ModelOutput:
+                output_hidden_states=False, position_offset: int = 0) -> ModelOutput:
         "Logits (B, T', V) and, with `labels`, the next-token loss."
         if input_ids is not None and attention_mask is not None and attention_mask.shape[0] != input_ids.shape[0]:
             raise ValueError(f"input_ids have batch {input_ids.shape[0]} but attention_mask has batch {attention_mask.shape[0]}")
         out = self.model(input_ids, inputs_embeds, attention_mask, position_ids, cache, prefix_mask,
-                         output_attentions, output_hidden_states)
+                         output_attentions, output_hidden_states, position_offset)
         out.logits = self.logits(out.last_hidden_state, logits_to_keep)
         if labels is not None: out.loss = causal_lm_loss(out.logits, labels)
         return out

@@ -82,13 +82,12 @@ def check_generate_inputs(input_ids, pixel_values=None, attention_mask=None, max
 def generate(model, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, max_new_tokens: int = 20,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None, generator=None,
-             streamer: Callable | None = None, compile: bool | str = False):
+             streamer: Callable | None = None, compile=False):
     "Continue input_ids (B, T) by up to max_new_tokens tokens with a KV cache; returns (B, T + new)."
-    is_vlm = isinstance(model, PaliGemmaForConditionalGeneration)
-    tcfg = model.language_model.cfg if is_vlm else model.cfg
+    tcfg = model.text_model.cfg
     check_generate_inputs(input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     B, T = input_ids.shape
-    last_pos = T + max_new_tokens + (1 if is_vlm else 0)
+    last_pos = T + max_new_tokens + model.position_offset
     if last_pos > tcfg.max_position_embeddings:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's "
                          f"{tcfg.max_position_embeddings} positions; shorten the prompt or lower max_new_tokens")
@@ -98,11 +97,11 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, token_typ
     if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < tcfg.vocab_size:
         raise ValueError(f"pad_token_id must be a token id in [0, {tcfg.vocab_size}); found {pad!r}")
     if do_sample and generator is None and seed is not None: generator = torch.Generator(input_ids.device).manual_seed(seed)
-    if compile:  # the fixed-shape step (19_fast_decoding): same tokens, a compiled or captured step
-        from paligemma_edu.fast_decoding import fast_generate
-        return fast_generate(model, input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens, mode=compile,
-                             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad=pad,
-                             generator=generator, streamer=streamer)
+    if compile:  # a fixed-shape decoder: given, or the model's own for this batch and length (same tokens)
+        decoder = model.static_decoder(B, T + max_new_tokens, compile) if isinstance(compile, (bool, str)) else compile
+        return decoder.generate(model, input_ids, pixel_values, attention_mask, token_type_ids, max_new_tokens,
+                                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad=pad,
+                                generator=generator, streamer=streamer)
     dev = input_ids.device
     if attention_mask is None: attention_mask = torch.ones_like(input_ids)
     mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=dev)
@@ -110,7 +109,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, token_typ
     out = torch.full((B, T + max_new_tokens), pad, dtype=torch.long, device=dev)
     out[:, :T] = input_ids
     cache = model.new_cache(B, T + max_new_tokens)
-    extra = dict(pixel_values=pixel_values, token_type_ids=token_type_ids) if is_vlm else {}
+    extra = {} if model.text_model is model else dict(pixel_values=pixel_values, token_type_ids=token_type_ids)
     logits = model(input_ids, attention_mask=mask[:, :T], cache=cache, logits_to_keep=1, **extra).logits[:, -1]
     padded = bool((attention_mask == 0).any())  # once: without padding, decode steps need no mask
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 # %% auto #0
-__all__ = ['KVCache']
+__all__ = ['KVCache', 'StaticKVCache', 'DecoderStore']
 
 # %% ../nbs/07_kv_cache.ipynb #4c97d15b
 class KVCache:
@@ -37,8 +37,8 @@ class KVCache:
         self.v[layer][:, :, self.seen:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def advance(self, n: int):
-        "Mark n more positions as written (call once per forward pass, after all layers)."
+    def advance(self, n: int, attention_mask=None):
+        "Mark n more positions as written (once per forward pass, after all layers); the mask is for caches that keep it."
         self.check_room(n); self.seen += n
 
     def reset(self): self.seen = 0
@@ -46,3 +46,46 @@ class KVCache:
     def __repr__(self):
         B, K, L, Dh = self.k[0].shape
         return f"KVCache(layers={len(self.k)}, B={B}, K={K}, max_len={L}, Dh={Dh}, seen={self.seen}, dtype={self.k[0].dtype})"
+
+# %% ../nbs/07_kv_cache.ipynb #999783da
+class StaticKVCache(KVCache):
+    "A KVCache whose one-token steps have fixed shapes: written at `slot`, attending over all L slots masked by `valid`."
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype=torch.float32, device=None):
+        super().__init__(num_layers, batch_size, num_kv_heads, head_dim, max_len, dtype, device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)                     # (1,) where the next step writes
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L) slots holding a token
+
+    def update(self, layer: int, k, v):  # (B, K, T, Dh) each
+        "A prompt (T > 1) as KVCache.update; a step (T = 1): k, v written at `slot`, all (B, K, L, Dh) slots returned."
+        if k.shape[2] > 1: return super().update(layer, k, v)
+        self.k[layer].index_copy_(2, self.slot, k)
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def step_mask(self):
+        "Mark the slot this step writes as holding a token; return `valid` (B, L): the slots the step attends to."
+        self.valid.index_fill_(1, self.slot, True)
+        return self.valid
+
+    def advance(self, n: int, attention_mask=None):
+        "After a step: the next slot. After a prompt: its real tokens (attention_mask (B, seen + n); None: all) are valid."
+        if n == 1: self.slot.add_(1); return                                          # on the device: no host sync
+        start = self.seen
+        super().advance(n)
+        self.valid[:, start:self.seen] = True if attention_mask is None else attention_mask[:, -n:].bool()
+        self.slot.fill_(self.seen)
+
+    def reset(self):
+        "Empty: no slot valid, the next prompt written from slot 0."
+        super().reset(); self.slot.zero_(); self.valid.zero_()
+
+    def state_tensors(self) -> list:
+        "Every tensor a step reads or writes besides the weights (they keep their addresses for the cache's life)."
+        return [*self.k, *self.v, self.slot, self.valid]
+
+# %% ../nbs/07_kv_cache.ipynb #f91ad331
+class DecoderStore(dict):
+    "Fast decoders a model built from its own weights, by key; a deepcopy or pickle of the model starts with none."
+    def __deepcopy__(self, memo): return DecoderStore()
+    def __reduce__(self): return (DecoderStore, ())

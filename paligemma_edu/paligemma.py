@@ -12,7 +12,8 @@ from torch import nn
 
 from .core import read_json
 from .siglip import SiglipVisionConfig, SiglipVisionModel
-from .gemma import GemmaConfig, GemmaForCausalLM, ModelOutput, default_positions
+from .kv_cache import DecoderStore
+from .gemma import GemmaConfig, GemmaForCausalLM, ModelOutput
 
 # %% auto #0
 __all__ = ['HF_TEXT_DEFAULTS', 'HF_VISION_DEFAULTS', 'HF_IMAGE_TOKEN_INDEX', 'PaliGemmaConfig', 'PaliGemmaMultiModalProjector',
@@ -80,9 +81,13 @@ class PaliGemmaConfig:
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: int | list = 1
+    quantization_config: dict | None = None  # how the weights are stored, when quantized (20_quantization); None: float
 
     def __post_init__(self):
         _check_values(vars(self))
+        q = self.quantization_config
+        if q is not None and not (isinstance(q, dict) and isinstance(q.get("quant_method"), str)):
+            raise ValueError(f"quantization_config must be an object with a 'quant_method' string (or absent); found {q!r}")
         for name, cls in (("vision_config", SiglipVisionConfig), ("text_config", GemmaConfig)):
             sub = getattr(self, name)
             if not isinstance(sub, (dict, cls)):
@@ -129,7 +134,8 @@ class PaliGemmaConfig:
         return dict(architectures=["PaliGemmaForConditionalGeneration"], model_type="paligemma", vision_config=v,
                     text_config=t, image_token_index=self.image_token_index, vocab_size=self.vocab_size,
                     projection_dim=self.projection_dim, hidden_size=self.hidden_size, pad_token_id=self.pad_token_id,
-                    bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=True)
+                    bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=True) | (
+                    {} if self.quantization_config is None else {"quantization_config": dict(self.quantization_config)})
 
 
 # %% ../nbs/09_paligemma.ipynb #0e962288
@@ -151,7 +157,7 @@ def _config_from_file_dict(cls, d: dict) -> "PaliGemmaConfig":
         raise ValueError(f"text_config.model_type must be one of {sorted(HF_TEXT_DEFAULTS)}; found {text['model_type']!r}")
     if vision.setdefault("model_type", "siglip_vision_model") != "siglip_vision_model":
         raise ValueError(f"vision_config.model_type must be 'siglip_vision_model'; found {vision['model_type']!r}")
-    keys = ("vocab_size", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
+    keys = ("vocab_size", "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id", "quantization_config")
     top = {k: d[k] for k in keys if d.get(k) is not None}
     defaults = HF_TEXT_DEFAULTS[text["model_type"]]
     if "vocab_size" in top: defaults = {k: v for k, v in defaults.items() if k != "vocab_size"}  # given at the top only
@@ -221,12 +227,20 @@ def check_inputs(cfg: PaliGemmaConfig, input_ids, images_given: bool, past: int,
 # %% ../nbs/09_paligemma.ipynb #ae4d12d7
 class PaliGemmaForConditionalGeneration(nn.Module):
     "SigLIP + projector + Gemma (mirrors HF `PaliGemmaForConditionalGeneration`)."
+    position_offset = 1  # PaliGemma counts RoPE positions from 1 (big_vision, and transformers after it)
+
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = SiglipVisionModel(cfg.vision_config)
         self.multi_modal_projector = PaliGemmaMultiModalProjector(cfg)
         self.language_model = GemmaForCausalLM(cfg.text_config)
+        self.static_decoders = DecoderStore()  # fixed-shape decoders built for this model (generate's compile=)
+
+    @property
+    def text_model(self) -> GemmaForCausalLM:
+        "The causal LM that decodes: the language model."
+        return self.language_model
 
     def gradient_checkpointing_enable(self):
         "Per-layer activation checkpointing in the vision tower and the language model (training only)."
@@ -255,19 +269,17 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                 cache=None, labels=None, image_features=None, logits_to_keep: int = 0,
                 output_attentions=False, output_hidden_states=False) -> ModelOutput:
         "Logits (B, T, V); `token_type_ids` default to all-prefix on the first pass; loss when `labels` given."
-        T, past = input_ids.shape[1], cache.seen if cache is not None else 0
+        past = cache.seen if cache is not None else 0
         check_inputs(self.cfg, input_ids, pixel_values is not None or image_features is not None, past,
                      attention_mask=attention_mask, token_type_ids=token_type_ids, labels=labels)
         if image_features is None and pixel_values is not None: image_features = self.get_image_features(pixel_values)
         x = self.embed(input_ids, image_features)                                 # (B, T, D)
-        if position_ids is None:
-            position_ids = (default_positions(attention_mask, T) + 1 if attention_mask is not None
-                            else torch.arange(past + 1, past + T + 1, device=x.device)[None])
         if past: prefix = None  # the bidirectional block exists only in the prompt pass
         elif token_type_ids is None: prefix = torch.ones_like(input_ids, dtype=torch.bool)
         else: prefix = token_type_ids == 0                                       # (B, T)
         out = self.language_model(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                   prefix_mask=prefix, labels=labels, logits_to_keep=logits_to_keep,
-                                  output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+                                  output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                  position_offset=self.position_offset)
         out.image_features = image_features
         return out

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .core import StagedFolder, read_json, reading, verified
+from .core import StagedFolder, read_json, reading, resolve_folder, verified
 
 # %% auto #0
 __all__ = ['IMAGE_TOKEN', 'LOC_BINS', 'LOC_TOKENS', 'SEG_TOKENS', 'SPECIAL_TOKENS', 'image_hw', 'loc_tokens', 'parse_detections',
@@ -316,7 +316,6 @@ class PaliGemmaProcessor:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, padding_side: str = "left") -> "PaliGemmaProcessor":
         "Tokenizer files and preprocessor_config.json from a folder or Hub id; image_seq_length from there or config.json."
-        from paligemma_edu.checkpoints import resolve_folder
         folder = resolve_folder(folder, allow_patterns=("*.json", "tokenizer.model"))  # the same paths as the model's
         with reading(folder): return cls._from_folder(folder, padding_side)
 

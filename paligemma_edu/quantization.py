@@ -5,31 +5,26 @@
 # %% ../nbs/20_quantization.ipynb #2d137d70
 from __future__ import annotations
 import copy
+import dataclasses
 import fnmatch
 import functools
 import inspect
-import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import pick_device, pick_dtype, read_json, verified
-from .paligemma import PaliGemmaConfig
-from .checkpoints import HEAD, EMBED, CheckpointError, all_finite, check_state_dict, find_weight_files
-from .checkpoints import check_placement, empty_model, remap_state_dict
+from .checkpoints import HEAD, QUANT_METHOD, QUANTIZERS, row_blocks
 
 # %% auto #0
-__all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'INT4_DENSE_M', 'QUANT_METHOD', 'bits_per_weight', 'weight_counts',
-           'plot_weight_bytes', 'quantize_int8_per_tensor', 'quantize_int8', 'dequantize_int8', 'relative_error',
-           'quantize_int4_symmetric', 'quantize_int4', 'dequantize_int4', 'pack_nibbles', 'unpack_nibbles',
-           'fake_quantize', 'plot_rounding_error', 'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity',
-           'plot_sensitivity', 'int4_cpu_layout', 'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'compute_dtype',
-           'int8_matmul', 'int4_matmul_dense', 'check_format', 'QuantLinear', 'QuantEmbedding', 'TiedHead',
-           'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize', 'model_bytes', 'TensorInfo',
-           'read_header', 'quantized_specs', 'from_pretrained_quantized']
+__all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'INT4_DENSE_M', 'bits_per_weight', 'weight_counts', 'plot_weight_bytes',
+           'quantize_int8_per_tensor', 'quantize_int8', 'dequantize_int8', 'relative_error', 'quantize_int4_symmetric',
+           'quantize_int4', 'dequantize_int4', 'pack_nibbles', 'unpack_nibbles', 'fake_quantize', 'plot_rounding_error',
+           'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity', 'plot_sensitivity', 'int4_cpu_layout',
+           'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'compute_dtype', 'int8_matmul', 'int4_matmul_dense',
+           'check_format', 'QuantLinear', 'QuantEmbedding', 'TiedHead', 'quantization_settings', 'tied_pairs',
+           'quantization_plan', 'quantize', 'model_bytes', 'quantized_specs', 'prepare_quantized']
 
 # %% ../nbs/20_quantization.ipynb #5ed97327
 FORMAT_BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}
@@ -313,8 +308,8 @@ class _QuantMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g): return ctx.layer.grad_input(g), None  # (M, N) -> (M, K)
 
-class _QuantLinearCompute(nn.Module):
-    "The storage and arithmetic of `QuantLinear`: int8 rows (scale per row) or int4 groups (scale, zero per group)."
+class QuantLinear(nn.Module):
+    "nn.Linear with its weight stored as int8 rows (scale per row) or int4 groups (scale and zero per group)."
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 64,
                  dtype=None, device=None):
         super().__init__()
@@ -430,14 +425,6 @@ class _QuantLinearCompute(nn.Module):
         w = dequantize_int4(self._codes_cpu(), sz[..., 0], sz[..., 1], self.group_size)
         return w if padded else w[:self.out_features, :self.in_features]
 
-    def extra_repr(self) -> str:
-        g = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits={self.bits}{g}")
-
-# %% ../nbs/20_quantization.ipynb #11b2debd
-class QuantLinear(_QuantLinearCompute):
-    "nn.Linear with its weight stored as int8 rows (scale per row) or int4 groups (scale and zero per group)."
     def portable(self) -> dict:
         "Tensors in the on-disk layout: int8 rows + scale, or int4 codes two per byte (plain order) + scale + zero."
         N = self.out_features
@@ -488,6 +475,10 @@ class QuantLinear(_QuantLinearCompute):
                                and "." not in k[len(prefix):])
         if len(found) == len(specs): self.load_portable_(found)
 
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}{g}")
 
 # %% ../nbs/20_quantization.ipynb #7922b098
 class QuantEmbedding(QuantLinear):
@@ -512,8 +503,6 @@ class TiedHead(nn.Module):
     def forward(self, h): return self.embedding.as_head(h)
 
 # %% ../nbs/20_quantization.ipynb #db0b02b5
-QUANT_METHOD = "paligemma_edu"
-
 def quantization_settings(bits: int = 8, group_size: int = 64, skip=()) -> dict:
     "The checked settings of `quantize`, as written to config.json under `quantization_config`."
     check_format(bits, group_size)
@@ -551,7 +540,8 @@ def _swap(model, plan: dict, settings: dict, make_table, make_linear):
         table = make_table(model.get_submodule(emb))
         _set_module(model, emb, table); _set_module(model, head, TiedHead(table))
     for name in plan["linears"]: _set_module(model, name, make_linear(model.get_submodule(name)))
-    model.quantization = settings
+    if hasattr(model, "cfg") and hasattr(model.cfg, "quantization_config"):  # saved to config.json with the model
+        model.cfg = dataclasses.replace(model.cfg, quantization_config=settings)
     return model
 
 def quantize(model, bits: int = 8, group_size: int = 64, skip=()):
@@ -566,53 +556,6 @@ def quantize(model, bits: int = 8, group_size: int = 64, skip=()):
 def model_bytes(model) -> int:
     "Bytes of every tensor `model` holds (shared tensors counted once)."
     return sum({t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values())
-
-# %% ../nbs/20_quantization.ipynb #21c68b0a
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-              "BOOL": torch.bool}
-
-class TensorInfo:
-    "Where one tensor lives in a safetensors file: dtype, shape, byte offset and size."
-    def __init__(self, path, name, dtype, shape, offset, nbytes):
-        self.path, self.name, self.dtype, self.shape, self.offset, self.nbytes = path, name, dtype, tuple(shape), offset, nbytes
-
-    def read(self, rows=None):
-        "The tensor (or rows start..stop of it) read into fresh memory with plain file reads (no memory map); finite."
-        start, stop = rows or (0, self.shape[0] if self.shape else 1)
-        row_bytes = self.nbytes // max(self.shape[0], 1) if self.shape else self.nbytes
-        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + start * row_bytes)
-            if f.readinto(buf.numpy()) != buf.numel():
-                raise ValueError(f"{self.path} ends inside tensor {self.name!r} (truncated file?)")
-        t = buf.view(self.dtype).reshape((stop - start, *self.shape[1:]) if self.shape else ())
-        if not all_finite(t):
-            raise CheckpointError(f"tensor {self.name!r} in {self.path} holds NaN or infinite values; the checkpoint is damaged")
-        return t
-
-def read_header(path) -> dict:
-    "TensorInfo of every tensor of a safetensors file (a little-endian u64 header size, a JSON header, raw bytes)."
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= size - 8: raise ValueError(f"header size {n} does not fit a file of {size} bytes")
-            header = json.loads(f.read(n))
-        out = {}
-        for name, e in header.items():
-            if name == "__metadata__": continue
-            if e["dtype"] not in _ST_DTYPES: raise ValueError(f"tensor {name!r} has unsupported dtype {e['dtype']}")
-            dtype, (b, end) = _ST_DTYPES[e["dtype"]], e["data_offsets"]
-            nbytes = math.prod(e["shape"]) * dtype.itemsize
-            if end - b != nbytes or 8 + n + end > size:
-                raise ValueError(f"tensor {name!r} ({e['dtype']} {e['shape']}) has byte range {b}..{end} that does not "
-                                 f"fit its shape or the file ({size} bytes)")
-            out[name] = TensorInfo(path, name, dtype, e["shape"], 8 + n + b, nbytes)
-        return out
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"could not read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from None
 
 # %% ../nbs/20_quantization.ipynb #dd85df4d
 def _settings_from(quantize) -> dict | None:
@@ -647,75 +590,39 @@ def quantized_specs(model) -> dict:
     out.pop(HEAD, None)  # a float head tied to the embedding is saved once, as the embedding
     return out
 
-def _assign(model, name: str, t):
-    "Put tensor `t` in place of parameter or buffer `name`."
-    mod_name, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    if leaf in mod._parameters: mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
-    else: mod._buffers[leaf] = t
-
-def _tensor_infos(folder) -> dict:
-    "TensorInfo of every tensor of a checkpoint folder under our names: each stored once, where the index says."
-    files, weight_map = find_weight_files(folder)
-    infos, origin = {}, {}
-    for f in files:
-        for k, info in read_header(verified(f, "safetensors file")).items():
-            check_placement(k, f, origin, weight_map)
-            infos[k], origin[k] = info, f
-    return remap_state_dict(infos)
-
-def _row_blocks(infos: list, block_bytes: int = 1 << 23):
-    "Read tensors with the same number of rows a block of rows at a time (a multiple of 64, ~block_bytes): yields (row, [rows])."
-    n, row_bytes = infos[0].shape[0], max(t.nbytes // max(t.shape[0], 1) for t in infos)
-    step = max(64, block_bytes // max(row_bytes, 1) // 64 * 64)
-    for i in range(0, n, step): yield i, [t.read((i, min(i + step, n))) for t in infos]
-
-def _check_tied_head(infos: dict):
-    "A checkpoint may carry the tied LM head; it must then equal the embedding (compared a block of rows at a time)."
-    head, emb = infos.pop(HEAD, None), infos.get(EMBED)
-    if head is None or emb is None: return
-    if head.shape != emb.shape or not all(torch.equal(h, e) for _, (h, e) in _row_blocks([head, emb])):
-        raise ValueError("checkpoint has an LM head that differs from the token embedding; this model ties them")
-
 # %% ../nbs/20_quantization.ipynb #053f065a
-def from_pretrained_quantized(cls, folder, quantize=None, dtype=None, device=None, attn_implementation: str = "sdpa"):
-    "Load a folder quantized: float weights quantized one tensor at a time as they are read; quantized ones strictly."
-    folder, cfg_file = Path(folder), Path(folder) / "config.json"
-    d = read_json(cfg_file, "config")
-    saved = _saved_settings(d.pop("quantization_config"), cfg_file) if "quantization_config" in d else None
+def prepare_quantized(model, saved: dict | None, quantize, dtype, device, config_file) -> tuple:
+    "For the checkpoint reader: swap `model`'s layers for empty quantized ones; (tensors the folder must hold, per-tensor hook)."
+    saved = None if saved is None else _saved_settings(saved, config_file)
     want = _settings_from(quantize)
     if saved and want and want != saved:
-        raise ValueError(f"{folder} is already quantized ({saved}); it cannot be re-quantized to {want}: "
+        raise ValueError(f"{Path(config_file).parent} is already quantized ({saved}); it cannot be re-quantized to {want}: "
                          "load it as it is (quantize=None; leave out --quantize on the command line)")
     settings = saved or want
-    dtype, device = pick_dtype(dtype), pick_device(device)
-    infos = _tensor_infos(folder)
-    model = empty_model(cls, PaliGemmaConfig.from_json_file(cfg_file), attn_implementation)  # torch.empty: no memory yet
-    plan, pairs = quantization_plan(model, settings), tied_pairs(model)
-    if saved is None:
-        _check_tied_head(infos)
-        check_state_dict({k: v.shape for k, v in model.state_dict().items() if k != HEAD}, infos)
+    plan = quantization_plan(model, settings)
+    expected = {k: (tuple(t.shape), None if t.is_floating_point() else t.dtype)  # the float model's tensors
+                for k, t in model.state_dict().items() if k != HEAD}
     _swap(model, plan, settings, lambda e: QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype, device),
           lambda m: QuantLinear(m.in_features, m.out_features, m.bias is not None, settings["bits"],
-                                settings["group_size"], dtype, device))
-    specs = quantized_specs(model)
-    if saved is not None:
-        where = f"{folder}: the tensors do not match the quantization settings in config.json ({settings})"
-        try: check_state_dict({k: s for k, (s, _) in specs.items()}, infos)
-        except ValueError as e: raise ValueError(f"{where}: {e}") from None
-        bad = [f"{k}: expected {dt}, found {infos[k].dtype}" for k, (_, dt) in specs.items() if dt and infos[k].dtype != dt]
-        if bad: raise ValueError(f"{where}: {bad}")
-    for name, m in model.named_modules():  # quantized layers: a block of rows at a time, straight into their buffers
-        if not isinstance(m, QuantLinear): continue
-        keys = list(m.portable_specs()) if saved else ["weight"]
-        for i, rows in _row_blocks([infos[f"{name}.{k}"] for k in keys]):
-            if saved: m.load_portable_(dict(zip(keys, rows)), row0=i)
-            else: m.quantize_(rows[0].to(dtype), row0=i)  # rounded to dtype first, as loading then quantizing does
-        if not saved and m.bias is not None: m.bias.copy_(infos[f"{name}.bias"].read())
-    quantized = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for k in m.portable_specs()}
-    for k in specs.keys() - quantized:
-        t = infos[k].read()
-        _assign(model, k, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
-    for e, h in pairs:  # a tied pair kept in float: the head shares the embedding's new tensor
-        if (e, h) not in plan["tables"]: model.get_submodule(h).weight = model.get_submodule(e).weight
-    return model.to(device).eval()
+                                settings["group_size"], dtype, device))  # torch.empty: no memory yet
+    if saved: expected = quantized_specs(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    seen = {}  # a quantized layer's on-disk tensors met so far
+
+    def on_tensor(name: str, info) -> bool:
+        "Fill a quantized layer from `info` a block of rows at a time (True), or leave the tensor to the reader (False)."
+        layer, _, leaf = name.rpartition(".")
+        m = layers.get(layer)
+        if m is None or (saved is None and leaf != "weight"): return False  # a float tensor, or a bias: read as it is
+        if saved is None:
+            for i, (rows,) in row_blocks([info]): m.quantize_(rows.to(dtype), row0=i)  # in dtype first, as load-then-quantize
+            return True
+        got = seen.setdefault(layer, {}) | {leaf: info}
+        seen[layer] = got
+        keys = list(m.portable_specs())
+        if len(got) == len(keys):  # all of the layer's tensors are known: read them together, a block of rows at a time
+            for i, rows in row_blocks([got[k] for k in keys]): m.load_portable_(dict(zip(keys, rows)), row0=i)
+        return True
+    return expected, on_tensor
+
+QUANTIZERS[QUANT_METHOD] = prepare_quantized

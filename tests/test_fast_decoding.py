@@ -1,5 +1,8 @@
 """The fixed-shape decode step (`generate(..., compile=...)`) gives the eager loop's tokens, and transformers' (float32)."""
 import copy
+import gc
+import importlib
+import weakref
 
 import pytest
 import torch
@@ -70,7 +73,6 @@ def test_static_step_logits_match_eager_step(pair):
         eager = ours(ids, pix, am, tt, cache=cache, logits_to_keep=1).logits[:, -1]
         step = StaticDecodeStep(ours, 3, 64)
         ours(ids, pix, am, tt, cache=step.kv, logits_to_keep=1)
-        step.reset(am)
         mask = am.clone()
         for _ in range(24):  # past the window of 8 for Gemma 2
             tok = eager.argmax(-1)
@@ -134,21 +136,56 @@ def test_compiled_step_matches_eager():
     ids2, pix2, am2, tt2 = prompts(5, (4, 2, 6))
     again = generate(ours, ids2, pix2, am2, tt2, max_new_tokens=N_NEW, eos_token_id=[], compile=True)
     assert torch.equal(again, generate(ours, ids2, pix2, am2, tt2, max_new_tokens=N_NEW, eos_token_id=[]))
-    assert [k[2] for k in ours._static_decoders] == ["inductor"]  # one decoder, built once, reused
+    assert [k[2] for k in ours.static_decoders] == ["inductor"]  # one decoder, built once, reused
 
 
 def test_decoders_are_reused_rebuilt_and_not_copied():
     ours = tiny(seed=1)
     a = get_decoder(ours, 2, 64, "static")
     assert get_decoder(ours, 2, 64, "static") is a
-    assert copy.deepcopy(ours)._static_decoders == {}                 # a copy starts with none
+    assert copy.deepcopy(ours).static_decoders == {}                 # a copy starts with none
     for b in (1, 3, 4, 5): get_decoder(ours, b, 64, "static")
-    assert len(ours._static_decoders) == 4 and (2, 64, "static", torch.float32, "cpu") not in ours._static_decoders
+    assert len(ours.static_decoders) == 4 and (2, 64, "static", torch.float32, "cpu") not in ours.static_decoders
     c = get_decoder(ours, 5, 64, "static")
     w = next(ours.parameters())
     w.data = w.data.clone()                                           # a weight in new memory: decoders rebuilt
-    assert get_decoder(ours, 5, 64, "static") is not c and len(ours._static_decoders) == 1
+    assert get_decoder(ours, 5, 64, "static") is not c and len(ours.static_decoders) == 1
 
+
+
+def test_a_decoder_built_by_hand_is_used_as_given():
+    "compile= takes a decoder object; the model's own decoders come from model.static_decoder and are kept."
+    ours = tiny(seed=4)
+    ids, pix, am, tt = prompts()
+    eager = generate(ours, ids, pix, am, tt, max_new_tokens=N_NEW, eos_token_id=[])
+    dec = StaticDecoder(ours, 3, 64)
+    assert torch.equal(generate(ours, ids, pix, am, tt, max_new_tokens=N_NEW, eos_token_id=[], compile=dec), eager)
+    assert ours.static_decoders == {}                                 # the model built none of its own
+    own = ours.static_decoder(3, ids.shape[1] + N_NEW, "static")
+    assert own is ours.static_decoder(3, ids.shape[1] + N_NEW, "static") and len(ours.static_decoders) == 1
+    with pytest.raises(ValueError, match="built for another model"):
+        generate(tiny(seed=5), ids, pix, am, tt, max_new_tokens=N_NEW, compile=dec)
+
+
+def test_one_interface_for_both_model_classes():
+    "Both classes answer text_model and position_offset; generate imports nothing of the fast-decoding module."
+    ours = tiny()
+    assert ours.text_model is ours.language_model and ours.language_model.text_model is ours.language_model
+    assert (ours.position_offset, ours.language_model.position_offset) == (1, 0)
+    src = open(importlib.import_module("paligemma_edu.generate").__file__).read()
+    assert "fast_decoding" not in src and "isinstance(model" not in src
+
+
+def test_a_model_and_its_decoders_are_freed_together():
+    "The decoders live on the model (no module-level table): dropping the model frees it."
+    ours = tiny(seed=6)
+    ids, pix, am, tt = prompts()
+    generate(ours, ids, pix, am, tt, max_new_tokens=4, compile="static")
+    assert len(ours.static_decoders) == 1
+    alive = weakref.ref(ours)
+    del ours
+    gc.collect()
+    assert alive() is None
 
 def test_modes_and_limits():
     assert resolve_mode(False, "cpu") is None and resolve_mode(True, "cpu") == "inductor"

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_hf_paligemma, tiny_paligemma_config_dict
 import paligemma_edu.checkpoints as ckpt
+import paligemma_edu.core as core
 from paligemma_edu.images import SiglipImageProcessor
 from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration as Model
 from paligemma_edu.processor import PaliGemmaProcessor, build_paligemma_tokenizer
@@ -192,11 +193,11 @@ def test_hub_id_same_for_model_and_processor(saved, source, tmp_path, monkeypatc
     "A Hub id goes through the same resolver for model and processor: both download, or both fail the same way."
     d = tmp_path / "hub"; shutil.copytree(saved, d); PaliGemmaProcessor.from_pretrained(source[1]).save_pretrained(d)
     asked = []
-    monkeypatch.setattr(ckpt, "_download", lambda repo, patterns: asked.append((repo, tuple(patterns))) or d)
+    monkeypatch.setattr(core, "_download", lambda repo, patterns: asked.append((repo, tuple(patterns))) or d)
     Model.from_pretrained("org/tiny"); PaliGemmaProcessor.from_pretrained("org/tiny")
     assert [a[0] for a in asked] == ["org/tiny", "org/tiny"] and all("tokenizer.model" in a[1] for a in asked)
     def offline(repo, patterns): raise FileNotFoundError(f"{repo!r} is not a folder here, and huggingface_hub is not installed")
-    monkeypatch.setattr(ckpt, "_download", offline)
+    monkeypatch.setattr(core, "_download", offline)
     with pytest.raises(FileNotFoundError) as a: Model.from_pretrained("org/tiny")
     with pytest.raises(FileNotFoundError) as b: PaliGemmaProcessor.from_pretrained("org/tiny")
     assert str(a.value) == str(b.value)

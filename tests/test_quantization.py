@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+from paligemma_edu.checkpoints import map_key
+from paligemma_edu.paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from paligemma_edu.quantization import (QuantEmbedding, QuantLinear, TiedHead, dequantize_int4, fake_quantize, quantize,
                                         quantize_int4, unpack_int4_cpu)
 from paligemma_edu.shapes import make_scene
@@ -169,7 +170,7 @@ def test_save_load_round_trip(bundled, saved):
     for bits, folder in saved.items():
         ref = quantize(copy.deepcopy(model), bits)
         back = PaliGemmaForConditionalGeneration.from_pretrained(folder)
-        assert back.quantization == ref.quantization
+        assert back.cfg.quantization_config == ref.cfg.quantization_config
         a, b = ref.state_dict(), back.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         with torch.no_grad(): assert torch.equal(back(**inputs).logits, ref(**inputs).logits)
@@ -325,3 +326,46 @@ def test_quant_matrix_script_quick(tmp_path):
     assert row["step_bytes"]["int4"] < row["step_bytes"]["int8"] < row["step_bytes"]["eager"]
     assert '| tiny | float32 | ours quantize="int4" |' in (tmp_path / "quant_matrix.md").read_text()
     assert (committed.read_bytes() if committed.exists() else None) == before
+
+
+# ------------------------------------------------------------------------------------------------------- old folders
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_folders_saved_before_still_load(bits, tmp_path):
+    "int8 / int4 folders written before the settings moved into the config (tests/data/make_quantized_v1.py) load as saved."
+    data = ROOT / "tests" / "data" / "quantized-v1"
+    folder, ref = data / f"int{bits}", load_file(data / "batch_and_logits.safetensors")
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert model.cfg.quantization_config == saved
+    sd, on_disk = model.state_dict(), load_file(folder / "model.safetensors")
+    assert all(torch.equal(sd[map_key(k)], v) for k, v in on_disk.items())  # every stored tensor read back unchanged
+    batch = {k: ref[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+    with torch.no_grad(): logits = model(**batch).logits
+    torch.testing.assert_close(logits, ref[f"logits_int{bits}"], atol=1e-6, rtol=0)
+    text = (folder / "config.json").read_text()  # the config round-trips to the very same JSON
+    assert json.dumps(PaliGemmaConfig.from_json_file(folder / "config.json").to_dict(), indent=2) == text
+    again = model.save_pretrained(tmp_path / "again")  # and saving the loaded model writes the same folder
+    assert (again / "config.json").read_text() == text
+    resaved = load_file(again / "model.safetensors")
+    assert resaved.keys() == on_disk.keys() and all(torch.equal(resaved[k], v) for k, v in on_disk.items())
+
+
+def test_quantized_folder_without_the_quantization_module(tmp_path):
+    "The reader knows quantized folders only through the hook 20_quantization registers; without it the error says so."
+    from paligemma_edu import checkpoints
+    folder = ROOT / "tests" / "data" / "quantized-v1" / "int8"
+    saved = checkpoints.QUANTIZERS.pop(checkpoints.QUANT_METHOD)
+    try:
+        with pytest.raises(RuntimeError, match="paligemma_edu.quantization"):
+            PaliGemmaForConditionalGeneration.from_pretrained(folder)
+    finally: checkpoints.QUANTIZERS[checkpoints.QUANT_METHOD] = saved
+
+
+def test_quantization_config_is_a_config_field():
+    "PaliGemmaConfig carries quantization_config: absent for a float model, kept as given, refused when not an object."
+    from conftest import tiny_paligemma_config_dict
+    d = tiny_paligemma_config_dict()
+    assert "quantization_config" not in PaliGemmaConfig.from_dict(d).to_dict()
+    q = {"quant_method": "paligemma_edu", "bits": 4, "group_size": 64, "skip": []}
+    assert PaliGemmaConfig.from_dict(d | {"quantization_config": q}).to_dict()["quantization_config"] == q
+    with pytest.raises(ValueError, match="quantization_config"): PaliGemmaConfig.from_dict(d | {"quantization_config": "int8"})

@@ -12,12 +12,13 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .core import (StagedFolder, evaluating, finish_swap, model_device, pick_device, read_json,
+from .core import (StagedFolder, evaluating, finish_swap, mask_iou, model_device, pick_device, read_json,
                                 seed_everything, swap_in_folder)
 from .paligemma import PaliGemmaForConditionalGeneration
 from .processor import PaliGemmaProcessor
@@ -26,14 +27,84 @@ from .attention_maps import attention_report
 from .shapes import (EVAL_SEED, PIXEL_EVAL_SEED, TRAIN_EVAL_SEED, TRAIN_SEED, VISION_SEED, COLORS, SHAPES, TASKS,
                                   ShapesDataset, evaluate_model, held_out_set, make_scene, make_shapes_processor, quick_accuracy,
                                   scene_masks, show_example, task_kind)
-from .segmentation import CODEC_CONFIG, CODEC_RECIPE, MaskCodec, draw_segments, load_codec, train_mask_codec
+from .shapes import CODEC_EVAL_SEED, CODEC_SEED, object_masks, sample_scene, segment_answer
+from .segmentation import (CODEC_CONFIG, CODEC_WEIGHTS, MaskCodec, MaskCodecConfig, crop_to_codec,
+                                        decode_segmentation, draw_segments, evaluate_codec, load_codec, save_codec,
+                                        train_codec)
 from .train import adamw, count_params, fit, init_weights, make_tiny_config, train
 
 # %% auto #0
-__all__ = ['BUNDLED_RECIPE', 'PixelLabelHead', 'pixel_label_batch', 'pixel_accuracy', 'pretrain_vision', 'show_pixel_labels',
-           'check_recipe', 'full_recipe', 'parse_recipe', 'train_bundled_model', 'bundled_model_path',
-           'load_bundled_model', 'load_mask_codec', 'evaluate_checkpoint', 'results_table', 'model_card',
-           'show_answers']
+__all__ = ['CODEC_RECIPE', 'BUNDLED_RECIPE', 'codec_masks', 'pasted_iou', 'torch_threads', 'train_mask_codec', 'PixelLabelHead',
+           'pixel_label_batch', 'pixel_accuracy', 'pretrain_vision', 'show_pixel_labels', 'check_recipe', 'full_recipe',
+           'parse_recipe', 'train_bundled_model', 'bundled_model_path', 'load_bundled_model', 'load_mask_codec',
+           'evaluate_checkpoint', 'results_table', 'model_card', 'show_answers']
+
+# %% ../nbs/17_bundled_model.ipynb #a787d2ff
+CODEC_RECIPE = dict(code_dim=16, width=32, num_res_blocks=2, n_scenes=3000, image_size=64, steps=400, batch_size=64,
+                    lr=3e-3, warmup=50, beta=0.25, restart=0.03)
+
+def codec_masks(seeds, image_size: int = 64) -> torch.Tensor:
+    "The 64x64 crops (N, 1, 64, 64) of every object of the scenes of `seeds` (sampled, no pixels rendered)."
+    out = []
+    for s in seeds:
+        scene = sample_scene(int(s), image_size)
+        out += [crop_to_codec(m, o.bbox) for o, m in zip(scene.objects, object_masks(scene))]
+    return torch.stack(out)
+
+def pasted_iou(codec: MaskCodec, seeds, image_size: int = 64) -> dict:
+    "IoU (mean, min) of every object of the scenes of `seeds` against its mask sent through text, decoded and pasted."
+    ious = []
+    for s in seeds:
+        scene = sample_scene(int(s), image_size)
+        for o, m in zip(scene.objects, object_masks(scene)):
+            (_, pasted, _), = decode_segmentation(segment_answer(scene, o.shape, codec), codec, image_size)
+            ious.append(float(mask_iou(pasted, m)))
+    return dict(mean_iou=float(np.mean(ious)), min_iou=float(np.min(ious)), n=len(ious))
+
+# %% ../nbs/17_bundled_model.ipynb #04dc7891
+def _file_kib(path: Path) -> float: return round(path.stat().st_size / 1024, 1)
+
+@contextmanager
+def torch_threads(n: int | None):
+    "Run a block with `n` torch CPU threads (None: as they are), then restore the setting."
+    before = torch.get_num_threads()
+    if n is not None: torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(before)
+
+def train_mask_codec(out_dir, recipe: dict | None = None, seed: int = 0, n_eval_scenes: int = 500,
+                     threads: int | None = 1, progress: bool = True, on_log=None):
+    """Train a codec with `CODEC_RECIPE` (overridden by `recipe`) on `threads` CPU threads, evaluate it on held-out
+    scenes, save it (bf16) with `mask_codec_history.json` (recipe, log, seconds of data, training and the held-out
+    scoring during training, metrics of the float32 and of the saved codec) to out_dir."""
+    r = CODEC_RECIPE | (recipe or {})
+    bad = sorted(set(r) - set(CODEC_RECIPE))
+    if bad: raise ValueError(f"unknown codec recipe keys {bad}; expected keys among {sorted(CODEC_RECIPE)}")
+    with torch_threads(threads): return _train_mask_codec(Path(out_dir), r, seed, n_eval_scenes, progress, on_log)
+
+def _train_mask_codec(out_dir: Path, r: dict, seed: int, n_eval_scenes: int, progress: bool, on_log) -> tuple:
+    "The body of `train_mask_codec`, with a checked recipe."
+    torch.manual_seed(seed)
+    load_before, t0 = os.getloadavg()[0], time.perf_counter()  # the 1-minute load average: timings on a shared machine
+    masks = codec_masks(range(CODEC_SEED + seed * 10**8, CODEC_SEED + seed * 10**8 + r["n_scenes"]), r["image_size"])
+    codec = MaskCodec(MaskCodecConfig(code_dim=r["code_dim"], width=r["width"], num_res_blocks=r["num_res_blocks"]))
+    held_out = {size: codec_masks(range(CODEC_EVAL_SEED, CODEC_EVAL_SEED + n_eval_scenes), size) for size in (64, 128)}
+    hist = train_codec(codec, masks, r["steps"], r["batch_size"], r["lr"], r["warmup"], r["beta"], r["restart"], seed=seed,
+                       held_out=held_out[64][:200], progress=progress, on_log=on_log)
+    seconds = time.perf_counter() - t0
+    out = save_codec(codec, out_dir)
+    saved = load_codec(out)
+    info = dict(recipe=r, seed=seed, params=count_params(codec), train_seconds=round(seconds, 1),
+                torch_threads=torch.get_num_threads(), load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+                weights_kib=_file_kib(out / CODEC_WEIGHTS),
+                eval_seed=CODEC_EVAL_SEED, n_eval_scenes=n_eval_scenes,
+                eval={f"{kind}@{size}px": evaluate_codec(c, m) for kind, c in (("float32", codec), ("saved", saved))
+                      for size, m in held_out.items()},
+                pasted=pasted_iou(saved, range(CODEC_EVAL_SEED, CODEC_EVAL_SEED + n_eval_scenes)), history=hist)
+    with StagedFolder(out) as staged:
+        staged.write_text("mask_codec_history.json", json.dumps(info, indent=1))
+        staged.commit()
+    return saved, info
 
 # %% ../nbs/17_bundled_model.ipynb #0be2fc41
 class PixelLabelHead(torch.nn.Module):

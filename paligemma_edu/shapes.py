@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .core import evaluating
+from .core import evaluating, mask_iou
 from .images import SiglipImageProcessor
 from .processor import (LOC_BINS, PaliGemmaProcessor, PaliGemmaTokenizer, build_paligemma_tokenizer, draw_boxes,
                                      image_hw, loc_tokens, parse_detections)
@@ -22,7 +22,7 @@ from .generate import answer
 __all__ = ['SHAPES', 'COLORS', 'BACKGROUNDS', 'TASKS', 'NUMBER_WORDS', 'TRAIN_SEED', 'EVAL_SEED', 'QUICK_EVAL_SEED',
            'TRAIN_EVAL_SEED', 'PIXEL_EVAL_SEED', 'CODEC_EVAL_SEED', 'ATTENTION_SEED', 'VISION_SEED', 'CODEC_SEED',
            'TRANSFER_SEED', 'TRANSFER_EVAL_SEED', 'ShapeObject', 'Scene', 'sample_scene', 'render_scene', 'make_scene',
-           'scene_masks', 'object_masks', 'box_iou', 'mask_iou', 'caption', 'shapes_of_color', 'detect_answer',
+           'scene_masks', 'object_masks', 'box_iou', 'caption', 'shapes_of_color', 'detect_answer', 'segment_answer',
            'task_kind', 'available_tasks', 'check_tasks', 'scene_tasks', 'task_prompts', 'make_example',
            'ShapesDataset', 'collate_examples', 'show_example', 'show_examples', 'score', 'evaluate', 'held_out_set',
            'predictor', 'evaluate_model', 'quick_accuracy', 'task_texts', 'make_shapes_processor']
@@ -161,12 +161,6 @@ def box_iou(a, b) -> float:
     union = area(a) + area(b) - inter
     return float(inter / union) if union > 0 else 0.0
 
-def mask_iou(pred, target) -> torch.Tensor:
-    "IoU of boolean masks (..., H, W) over the last two axes (1 where both are empty)."
-    pred, target = torch.as_tensor(pred).bool(), torch.as_tensor(target).bool()
-    inter, union = (pred & target).sum((-2, -1)).float(), (pred | target).sum((-2, -1)).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
 # %% ../nbs/13_shapes.ipynb #f3eb9ed4
 TASKS = ("caption", "detect", "color", "count", "shape", "segment")
 NUMBER_WORDS = ("1", "2", "3")
@@ -188,6 +182,12 @@ def detect_answer(scene: Scene, shape: str) -> str:
     "PaliGemma detection target for `shape`: '<loc..>x4 shape', or '' when the shape is absent."
     o = scene.find(shape)
     return "" if o is None else f"{loc_tokens(o.bbox, scene.image_size)} {shape}"
+
+def segment_answer(scene: Scene, shape: str, codec) -> str:
+    "PaliGemma segmentation target for `shape`: its box, the 16 codes `codec` gives its mask, its name; '' when absent."
+    o = scene.find(shape)
+    if o is None: return ""
+    return codec.segment_answer(object_masks(scene)[scene.objects.index(o)], o.bbox, shape, scene.image_size)
 
 def task_kind(prompt: str) -> str:
     "Which of `TASKS` a prompt belongs to."
@@ -228,7 +228,7 @@ def scene_tasks(scene: Scene, rng=None, tasks=None, codec=None) -> list:
     if "shape" in tasks:
         colors = [c for c in COLORS if any(o.color == c for o in scene.objects)]
         out += [(f"answer en what shapes are {c}?", shapes_of_color(scene, c)) for c in colors]
-    if "segment" in tasks: out += [(f"segment {s}", codec.segment_answer(scene, s)) for s in asked]
+    if "segment" in tasks: out += [(f"segment {s}", segment_answer(scene, s, codec)) for s in asked]
     return out
 
 # %% ../nbs/13_shapes.ipynb #f4ce5986

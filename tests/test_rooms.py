@@ -3,6 +3,7 @@ constant with the vocabulary, the shapes world's seeds and scoring in `shapes` (
 builder, and module docstrings that nbdev does not cut."""
 import ast
 import importlib
+import inspect
 import json
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import paligemma_edu
-from paligemma_edu import attention_kernels, processor, segmentation, shapes, siglip
+from paligemma_edu import attention_kernels, core, processor, segmentation, shapes, siglip
 
 generate = importlib.import_module("paligemma_edu.generate")  # the module (the package's `generate` is its function)
 
@@ -65,6 +66,18 @@ def test_training_loop_is_free_of_the_shapes_world():
     assert "shapes" not in imports_of("train")
     assert "train" not in imports_of("shapes")
     assert "bundled" not in imports_of("segmentation")
+
+
+def test_mask_codec_is_free_of_the_shapes_world():
+    "The codec knows masks, boxes and text; the shapes world's recipe and scoring of it live with the bundled model."
+    assert "shapes" not in imports_of("segmentation")
+    for name in ("codec_masks", "pasted_iou", "train_mask_codec", "CODEC_RECIPE", "segment_answer", "Scene"):
+        assert not hasattr(segmentation, name), name
+    assert "scene" not in inspect.signature(segmentation.MaskCodec.segment_answer).parameters
+    defined = [f.stem for f in MODULES for node in ast.parse(f.read_text()).body
+               if isinstance(node, ast.FunctionDef) and node.name == "mask_iou"]
+    assert defined == ["core"], defined  # one definition, before both its users
+    assert shapes.mask_iou is segmentation.mask_iou is core.mask_iou
 
 
 def test_seeds_are_named_once():

@@ -11,14 +11,16 @@ import torch
 
 from paligemma_edu.bundled import load_mask_codec
 from paligemma_edu.processor import PaliGemmaTokenizer, SEG_TOKENS
-from paligemma_edu.segmentation import (BIG_VISION_TRAINING_STATE, CODEC_CONFIG, CODEC_EVAL_SEED, CODEC_WEIGHTS,
+from paligemma_edu.segmentation import (BIG_VISION_TRAINING_STATE, CODEC_CONFIG, CODEC_WEIGHTS,
                                         MaskCodec, MaskCodecConfig, Segment, big_vision_names, codebook_usage,
-                                        codec_loss, codec_masks, decode_segmentation, draw_masks,
+                                        codec_loss, decode_segmentation, draw_masks,
                                         evaluate_codec, load_big_vision_codec, load_codec,
                                         parse_segmentation, paste_mask,
-                                        pasted_iou, plot_codebook_usage, save_codec, seg_tokens, segment_answer,
-                                        segmentation_text, show_reconstructions, train_codec, train_mask_codec)
-from paligemma_edu.shapes import Scene, make_scene, mask_iou, object_masks
+                                        plot_codebook_usage, save_codec, seg_tokens,
+                                        segmentation_text, show_reconstructions, train_codec)
+from paligemma_edu.bundled import codec_masks, pasted_iou, train_mask_codec
+from paligemma_edu.core import mask_iou
+from paligemma_edu.shapes import CODEC_EVAL_SEED, Scene, make_scene, object_masks, segment_answer
 from paligemma_edu.bundled import bundled_model_path
 
 TINY = MaskCodecConfig(code_dim=8, width=16)
@@ -376,7 +378,7 @@ def test_codec_methods_are_the_functions():
     codec = load_mask_codec()
     _, scene = make_scene(CODEC_EVAL_SEED + 3)
     for o in scene.objects:
-        text = codec.segment_answer(scene, o.shape)
+        text = codec.segment_answer(object_masks(scene)[scene.objects.index(o)], o.bbox, o.shape, scene.image_size)
         assert text == segment_answer(scene, o.shape, codec)
         [(b1, m1, l1)], [(b2, m2, l2)] = codec.decode_segmentation(text, 64), decode_segmentation(text, codec, 64)
         assert b1 == b2 and l1 == l2 and np.array_equal(m1, m2)

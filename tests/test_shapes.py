@@ -7,7 +7,8 @@ import pytest
 from paligemma_edu.shapes import (BACKGROUNDS, COLORS, LOC_BINS, NUMBER_WORDS, SHAPES, TASKS, Scene, ShapeObject,
                                   ShapesDataset, available_tasks, box_iou, caption, collate_examples, detect_answer,
                                   evaluate, loc_tokens, make_example, make_scene, mask_iou, object_masks,
-                                  parse_detections, sample_scene, scene_masks, scene_tasks, score, task_kind, task_texts)
+                                  parse_detections, sample_scene, scene_masks, scene_tasks, score, segment_answer, task_kind,
+                                  task_texts)
 from paligemma_edu.bundled import load_mask_codec
 
 SEEDS = range(60)
@@ -303,7 +304,7 @@ def test_segment_targets_do_not_depend_on_autocast(codec):
 
 def test_score_segment(codec):
     sc = Scene([ShapeObject("square", "blue", (16, 16, 32, 32)), ShapeObject("circle", "red", (40, 36, 60, 56))])
-    ans = codec.segment_answer(sc, "circle")
+    ans = segment_answer(sc, "circle", codec)
     own = score("segment", ans, ans, sc, codec)
     assert own["exact"] == 1.0 and own["ious"] == [1.0] and not own["invalid"] and own["n_pred"] == 1
     assert own["mask_ious"][0] == pytest.approx(float(mask_iou(codec.decode_segmentation(ans, 64)[0][1],

@@ -374,7 +374,7 @@ def test_paste_mask():
 
 
 def test_codec_methods_are_the_functions():
-    "A codec's `segment_answer` and `decode_segmentation` methods (what the shapes tasks call) are the functions."
+    "A codec's `segment_answer` and `decode_segmentation` methods (what the shapes tasks call) agree with the functions."
     codec = load_mask_codec()
     _, scene = make_scene(CODEC_EVAL_SEED + 3)
     for o in scene.objects:

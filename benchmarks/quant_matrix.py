@@ -200,9 +200,9 @@ def write_report(out: Path, info: dict):
 def kernel_prefill(rows: int = 264, reps: int = 5) -> dict:
     "One 16384 x 2048 layer (paligemma-3b's MLP) at prompt length, bfloat16: ms of CPU time per call, least of reps."
     import torch
-    from paligemma_edu.quantization import QuantLinear, int4_matmul_dense
+    from paligemma_edu.quantization import QuantLinear, Workspace, int4_matmul_dense
     lin = torch.nn.Linear(2048, 16384, bias=False).bfloat16().requires_grad_(False)
-    q4, q8 = QuantLinear.from_linear(lin, 4), QuantLinear.from_linear(lin, 8)
+    q4, q8 = QuantLinear.from_linear(lin, 4), QuantLinear.from_linear(lin, 8, workspace=Workspace())  # as in a model
     x = torch.randn(rows, 2048).bfloat16()
     calls = {"bfloat16 matmul": lambda: lin(x), "int8 layer": lambda: q8(x),
              "int4 layer (unpacked, dense matmul)": lambda: int4_matmul_dense(x, q4.qweight, q4.scale_zero, 64),

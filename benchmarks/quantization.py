@@ -219,11 +219,12 @@ def run_tiny(a) -> dict:
 def run_kernels(a) -> dict:
     "One N x K matrix times M rows of activations in every format (interleaved, median of repetitions), at --threads and 1."
     import torch
-    from paligemma_edu.quantization import QuantLinear
+    from paligemma_edu.quantization import QuantLinear, Workspace
     N, K = (1024, 512) if a.quick else (16384, 2048)
     lin = torch.nn.Linear(K, N, bias=False)
     layers = {"float32": lin, "bfloat16": torch.nn.Linear(K, N, bias=False).bfloat16(),
-              "int8": QuantLinear.from_linear(lin, 8).bfloat16(), "int4": QuantLinear.from_linear(lin, 4).bfloat16()}
+              "int8": QuantLinear.from_linear(lin, 8, workspace=Workspace()).bfloat16(),  # as in a model: one reused buffer
+              "int4": QuantLinear.from_linear(lin, 4).bfloat16()}
     out = {}
     for threads in dict.fromkeys([a.threads, 1]):
         torch.set_num_threads(threads)

@@ -18,13 +18,14 @@ from torch import nn
 from .checkpoints import HEAD, QUANT_METHOD, QUANTIZERS, row_blocks
 
 # %% auto #0
-__all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'INT4_DENSE_M', 'bits_per_weight', 'weight_counts', 'plot_weight_bytes',
-           'quantize_int8_per_tensor', 'quantize_int8', 'dequantize_int8', 'relative_error', 'quantize_int4_symmetric',
-           'quantize_int4', 'dequantize_int4', 'pack_nibbles', 'unpack_nibbles', 'fake_quantize', 'plot_rounding_error',
-           'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity', 'plot_sensitivity', 'int4_cpu_layout',
-           'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'compute_dtype', 'int8_matmul', 'int4_matmul_dense',
-           'check_format', 'QuantLinear', 'QuantEmbedding', 'TiedHead', 'quantization_settings', 'tied_pairs',
-           'quantization_plan', 'quantize', 'model_bytes', 'quantized_specs', 'prepare_quantized']
+__all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'INT4_DENSE_M', 'INT4_SLICE', 'bits_per_weight', 'weight_counts',
+           'plot_weight_bytes', 'quantize_int8_per_tensor', 'quantize_int8', 'dequantize_int8', 'relative_error',
+           'quantize_int4_symmetric', 'quantize_int4', 'dequantize_int4', 'pack_nibbles', 'unpack_nibbles',
+           'fake_quantize', 'plot_rounding_error', 'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity',
+           'plot_sensitivity', 'int4_cpu_layout', 'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'Workspace',
+           'compute_dtype', 'int8_matmul', 'int4_matmul_dense', 'check_format', 'QuantLinear', 'QuantEmbedding',
+           'TiedHead', 'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize', 'model_bytes',
+           'quantized_specs', 'prepare_quantized']
 
 # %% ../nbs/20_quantization.ipynb #5ed97327
 FORMAT_BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}
@@ -237,32 +238,38 @@ def pack_int4_cuda(q):
 # %% ../nbs/20_quantization.ipynb #081cd5c1
 SMALL_M = 32           # up to this many rows of activations the int8 kernel wins; more rows: a matmul on a dequantized slice
 INT4_DENSE_M = 64      # from this many rows the int4 layer unpacks its weight (in slices) and runs the dense bfloat16 matmul
-_WORKSPACE = {}        # (dtype, device) -> one reusable float buffer
+class Workspace:
+    "Reusable float buffers, one per (dtype, device), shared by the int8 layers of one model (so: one call at a time)."
+    def __init__(self): self.buffers = {}
 
-def _workspace(n: int, dtype, device):
-    "A reusable float buffer of at least n elements (allocated once: fresh pages are slow to fault in)."
-    key = (dtype, str(device))
-    if key not in _WORKSPACE or _WORKSPACE[key].numel() < n:
-        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
-            _WORKSPACE[key] = torch.empty(n, dtype=dtype, device=device)
-    return _WORKSPACE[key][:n]
+    def get(self, n: int, dtype, device):
+        "A float buffer of at least n elements, allocated once (a fresh 64 MB tensor faults its pages in on every call)."
+        key = (dtype, str(device))
+        if key not in self.buffers or self.buffers[key].numel() < n:
+            with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+                self.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+        return self.buffers[key][:n]
 
 def compute_dtype(x, bits: int):
     "The dtype a quantized layer computes in: bfloat16 on the CPU (both kernels' fast path) and for int4 anywhere; else x's."
     return torch.bfloat16 if x.device.type == "cpu" or bits == 4 else x.dtype
 
-def int8_matmul(x, q, scale):
-    "x (M, K) @ (q * scale[:, None]).T -> (M, N) in x's dtype, never materialising the float matrix whole."
+def int8_matmul(x, q, scale, workspace: Workspace | None = None):
+    "x (M, K) @ (q * scale[:, None]).T -> (M, N) in x's dtype, a slice at a time (in `workspace`'s buffer, else a fresh one)."
     if x.shape[0] <= SMALL_M and x.device.type == "cpu" and q.shape[1] % 16 == 0:  # other widths crash the bf16 kernel
         return torch._weight_int8pack_mm(x, q, scale.to(x.dtype))
     rows = max(1, (1 << 25) // q.shape[1])                                           # ~32M weights per slice
     outs = []
     for i in range(0, q.shape[0], rows):
-        w = _workspace(min(rows, q.shape[0] - i) * q.shape[1], x.dtype, x.device).view(-1, q.shape[1])
+        n = min(rows, q.shape[0] - i) * q.shape[1]
+        w = workspace.get(n, x.dtype, x.device) if workspace is not None else torch.empty(n, dtype=x.dtype, device=x.device)
+        w = w.view(-1, q.shape[1])                                                   # (rows, K)
         outs.append(x @ w.copy_(q[i:i + rows]).T)                                   # int8 -> float, then a float matmul
     return (outs[0] if len(outs) == 1 else torch.cat(outs, -1)) * scale.to(x.dtype)
 
 # %% ../nbs/20_quantization.ipynb #882ef645
+INT4_SLICE = 1 << 21   # weights per unpacked int4 slice: 4 MB in bfloat16, under glibc's mmap threshold (freed pages are reused)
+
 def _dequant_int4_t(codes, scale_zero, group_size: int):
     "In place: bfloat16 codes (K, n) -> the weight's transpose, (q - 8) s + z with scale_zero (K/G, n, 2) in matching order."
     s = scale_zero[..., 0].reshape(-1, 1, codes.shape[1]).contiguous()               # (K/G, 1, n); strided: 5x slower
@@ -270,17 +277,18 @@ def _dequant_int4_t(codes, scale_zero, group_size: int):
     torch.addcmul(scale_zero[..., 1].reshape(-1, 1, codes.shape[1]) - 8 * s, wg, s, out=wg)
     return codes
 
-def int4_matmul_dense(x, qweight, scale_zero, group_size: int, rows: int = 1024):
-    "x (M, Kp) bfloat16 @ the int4 layer's weight.T -> (M, Np): codes unpacked `rows` output rows at a time, dense matmul."
+def int4_matmul_dense(x, qweight, scale_zero, group_size: int, elements: int = INT4_SLICE):
+    "x (M, Kp) bfloat16 @ the int4 layer's weight.T -> (M, Np): codes unpacked ~`elements` weights at a time, dense matmul."
     _, B = int4_cpu_layout()                                                         # a 'halves' layout: blocks of B rows
     M, Kp, Np = x.shape[0], qweight.shape[1] * 2, qweight.shape[0]
-    y, full = torch.empty(M, Np, dtype=x.dtype, device=x.device), Np // B * B
+    y, full, rows = torch.empty(M, Np, dtype=x.dtype, device=x.device), Np // B * B, max(B, elements // Kp // B * B)
     for r0 in range(0, full, rows):
         n = min(rows, full - r0)
         nb = n // B
-        b = qweight[r0:r0 + n].view(nb, Kp, B // 2).transpose(0, 1)                  # (K, nb, B/2) bytes
-        w = _workspace(Kp * n, x.dtype, x.device).view(Kp, 2, nb, B // 2)           # (K, half, nb, B/2)
-        torch.bitwise_and(b, 15, out=w[:, 0]); torch.bitwise_right_shift(b, 4, out=w[:, 1])
+        b = qweight[r0:r0 + n].view(nb, Kp, B // 2).transpose(0, 1).contiguous()     # (K, nb, B/2) bytes, one copy
+        q = torch.empty(Kp, 2, nb, B // 2, dtype=torch.uint8, device=x.device)      # (K, half, nb, B/2) codes
+        torch.bitwise_and(b, 15, out=q[:, 0]); torch.bitwise_right_shift(b, 4, out=q[:, 1])
+        w = q.view(Kp, n).to(x.dtype)                                                # one conversion pass
         sz = scale_zero[:, r0:r0 + n].view(-1, nb, 2, B // 2, 2).transpose(1, 2)   # (K/G, half, nb, B/2, 2)
         w = _dequant_int4_t(w.view(Kp, n), sz.reshape(-1, n, 2), group_size)
         yc = (x @ w).view(M, 2, nb, B // 2).transpose(1, 2)                          # (M, nb, half, B/2)
@@ -311,10 +319,11 @@ class _QuantMatmul(torch.autograd.Function):
 class QuantLinear(nn.Module):
     "nn.Linear with its weight stored as int8 rows (scale per row) or int4 groups (scale and zero per group)."
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8, group_size: int = 64,
-                 dtype=None, device=None):
+                 dtype=None, device=None, workspace: Workspace | None = None):
         super().__init__()
         check_format(bits, group_size)
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.workspace = workspace  # int8's buffer for many rows, shared with the model's other layers (None: a fresh one)
         self.group_size = group_size if bits == 4 else None
         dtype, device = dtype or torch.get_default_dtype(), torch.device(device or "cpu")
         N, K = out_features, in_features
@@ -328,10 +337,12 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(N, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = 64) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = 64,
+                    workspace: Workspace | None = None) -> "QuantLinear":
         "Quantize an nn.Linear (its weight is read a block of rows at a time)."
         w = linear.weight
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, w.dtype, w.device)
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, w.dtype, w.device,
+                workspace)
         return q.quantize_(w.detach(), None if linear.bias is None else linear.bias.detach())
 
     @torch.no_grad()
@@ -372,7 +383,7 @@ class QuantLinear(nn.Module):
 
     def _matmul(self, x):  # (M, K) -> (M, N), in x's dtype
         xc = x.to(compute_dtype(x, self.bits))  # cast at the layer's edges: in here, the kernels' own dtype
-        y = int8_matmul(xc, self.qweight, self.scale) if self.bits == 8 else self._int4_matmul(xc)
+        y = int8_matmul(xc, self.qweight, self.scale, self.workspace) if self.bits == 8 else self._int4_matmul(xc)
         return y.to(x.dtype)
 
     def grad_input(self, g):
@@ -483,8 +494,8 @@ class QuantLinear(nn.Module):
 # %% ../nbs/20_quantization.ipynb #7922b098
 class QuantEmbedding(QuantLinear):
     "A token embedding stored as int8 rows, one absmax scale per row; `as_head` reads the same table as the LM head."
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=None, device=None):
-        super().__init__(embedding_dim, num_embeddings, bias=False, bits=8, dtype=dtype, device=device)
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=None, device=None, workspace: Workspace | None = None):
+        super().__init__(embedding_dim, num_embeddings, bias=False, bits=8, dtype=dtype, device=device, workspace=workspace)
 
     def forward(self, ids):  # (B, T) -> (B, T, D): only the looked-up rows are dequantized
         return F.embedding(ids, self.qweight).to(self.scale.dtype) * self.scale[ids][..., None]
@@ -535,11 +546,12 @@ def quantization_plan(model, settings: dict) -> dict:
                          if isinstance(m, nn.Linear) and n not in heads and not _skipped(n, settings["skip"])])
 
 def _swap(model, plan: dict, settings: dict, make_table, make_linear):
-    "Replace the planned modules by `make_table(nn.Embedding)` (+ its TiedHead) and `make_linear(nn.Linear)`."
+    "Replace the planned modules by `make_table(nn.Embedding, ws)` (+ its TiedHead) and `make_linear(nn.Linear, ws)`."
+    ws = Workspace()  # one per model: its int8 layers run one at a time
     for emb, head in plan["tables"]:
-        table = make_table(model.get_submodule(emb))
+        table = make_table(model.get_submodule(emb), ws)
         _set_module(model, emb, table); _set_module(model, head, TiedHead(table))
-    for name in plan["linears"]: _set_module(model, name, make_linear(model.get_submodule(name)))
+    for name in plan["linears"]: _set_module(model, name, make_linear(model.get_submodule(name), ws))
     if hasattr(model, "cfg") and hasattr(model.cfg, "quantization_config"):  # saved to config.json with the model
         model.cfg = dataclasses.replace(model.cfg, quantization_config=settings)
     return model
@@ -547,10 +559,10 @@ def _swap(model, plan: dict, settings: dict, make_table, make_linear):
 def quantize(model, bits: int = 8, group_size: int = 64, skip=()):
     "Swap, in place, every nn.Linear for a QuantLinear and a tied embedding / LM head for one int8 table; `skip`: kept in float."
     settings = quantization_settings(bits, group_size, skip)
-    def table(e):
+    def table(e, ws):
         w = e.weight.detach()
-        return QuantEmbedding(w.shape[0], w.shape[1], w.dtype, w.device).quantize_(w)
-    linear = lambda m: QuantLinear.from_linear(m, bits, group_size)
+        return QuantEmbedding(w.shape[0], w.shape[1], w.dtype, w.device, ws).quantize_(w)
+    linear = lambda m, ws: QuantLinear.from_linear(m, bits, group_size, ws)
     return _swap(model, quantization_plan(model, settings), settings, table, linear)
 
 def model_bytes(model) -> int:
@@ -602,9 +614,9 @@ def prepare_quantized(model, saved: dict | None, quantize, dtype, device, config
     plan = quantization_plan(model, settings)
     expected = {k: (tuple(t.shape), None if t.is_floating_point() else t.dtype)  # the float model's tensors
                 for k, t in model.state_dict().items() if k != HEAD}
-    _swap(model, plan, settings, lambda e: QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype, device),
-          lambda m: QuantLinear(m.in_features, m.out_features, m.bias is not None, settings["bits"],
-                                settings["group_size"], dtype, device))  # torch.empty: no memory yet
+    _swap(model, plan, settings, lambda e, ws: QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype, device, ws),
+          lambda m, ws: QuantLinear(m.in_features, m.out_features, m.bias is not None, settings["bits"],
+                                    settings["group_size"], dtype, device, ws))  # torch.empty: no memory yet
     if saved: expected = quantized_specs(model)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     seen = {}  # a quantized layer's on-disk tensors met so far

@@ -97,6 +97,38 @@ def test_int4_prefill_takes_the_dense_path_and_matches_the_kernel():
     for y in (dense, kernel): assert ((y.float() - ref).abs() <= bf16_bound(x, w, ref)).all()
 
 
+def test_int4_dense_path_same_result_in_any_slicing():
+    "The unpacked slices (here 2, 8 or all 32 blocks of 64 rows at a time) only split the matmul's columns: equal results."
+    from paligemma_edu.quantization import int4_cpu_layout, int4_matmul_dense
+    if int4_cpu_layout()[0] != "halves": pytest.skip("this CPU's int4 layout keeps the kernel for every row count")
+    torch.manual_seed(1)
+    layer = QuantLinear.from_linear(nn.Linear(320, 2096).bfloat16(), 4)
+    x = torch.randn(70, 320).bfloat16()
+    whole = int4_matmul_dense(x, layer.qweight, layer.scale_zero, 64, elements=1 << 30)
+    for blocks in (2, 8):
+        assert torch.equal(int4_matmul_dense(x, layer.qweight, layer.scale_zero, 64, elements=320 * 64 * blocks), whole)
+
+
+def test_int8_layers_of_a_model_share_one_workspace(bundled):
+    "quantize gives one Workspace to all the int8 layers of a model (none to a layer made alone, none shared between models)."
+    import paligemma_edu.quantization as Q
+    from paligemma_edu.quantization import SMALL_M, Workspace
+    assert not any(isinstance(v, dict) and k.isupper() and k.startswith("_") for k, v in vars(Q).items())
+    model, _ = bundled
+    a, b = quantize(copy.deepcopy(model), 8), quantize(copy.deepcopy(model), 8)
+    ws = {id(m.workspace) for m in a.modules() if isinstance(m, QuantLinear)}
+    assert len(ws) == 1 and isinstance(next(m for m in a.modules() if isinstance(m, QuantLinear)).workspace, Workspace)
+    assert ws.isdisjoint({id(m.workspace) for m in b.modules() if isinstance(m, QuantLinear)})
+    layer = next(m for m in a.modules() if isinstance(m, QuantLinear) and not isinstance(m, QuantEmbedding))
+    x = torch.randn(SMALL_M + 1, layer.in_features)
+    alone = QuantLinear.from_linear(nn.Linear(layer.in_features, layer.out_features), 8)
+    assert alone.workspace is None
+    with torch.no_grad(): y = layer(x)
+    assert list(layer.workspace.buffers) == [(torch.bfloat16, "cpu")]
+    layer.workspace = None  # a fresh buffer per call: the same numbers
+    with torch.no_grad(): torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
 def test_bundled_model_greedy_tokens_unchanged_by_bfloat16_compute(bundled):
     "Greedy answers of the quantized bundled model (float32, bfloat16) equal those recorded before the bfloat16 compute."
     model, processor = bundled

@@ -18,7 +18,8 @@ trainable parameters, minutes, CPU minutes, peak RSS), memory.json, memory_3b.js
 `memory-3b`: paligemma-3b-pt-224 shapes (tests/fixtures/configs/paligemma-3b-pt-224.json) with random bfloat16 weights,
 written once to --folder (~5.9 GB, reused if present), batch 1 at 224 px (256 image tokens, 12 text tokens, labels on the
 4-token suffix), gradient checkpointing, LoRA rank 16 on peft's Gemma targets: ours in bfloat16, ours quantized to int4
-while loading (QLoRA), and transformers + peft on the same folder; each configuration in a fresh subprocess, its peak RSS
+while loading (QLoRA), and transformers + peft on the same folder (`-all-logits`: ours with the LM head at every
+position, as before `finetune.logits_needed`); each configuration in a fresh subprocess, its peak RSS
 (ru_maxrss: file pages of the memory-mapped weights count as they are read) and its growth over the loaded model, and
 the wall and CPU seconds of each of --steps AdamW steps through `train.fit` (the loop `finetune` uses).
 """
@@ -230,6 +231,7 @@ def cmd_memory(a):
 # ------------------------------------------------------------------------------------------------- memory at 3B
 CONFIG_3B = ROOT / "tests" / "fixtures" / "configs" / "paligemma-3b-pt-224.json"
 FOLDER_3B = "/tmp/pg3b-bf16"
+CONFIGS_3B = ("ours-lora", "ours-qlora", "hf-lora", "ours-lora-all-logits", "ours-qlora-all-logits")
 PREFIX_TOKENS, SUFFIX_TOKENS = 7, 4   # bos + 6 words | "\n" ... : 12 text tokens after the 256 image tokens
 
 
@@ -263,7 +265,7 @@ def memory_3b_worker(config: str, folder: str, steps: int, threads: int) -> dict
     import torch
     import peft  # noqa: F401  (every configuration imports the same libraries before its baseline)
     import transformers
-    from paligemma_edu.finetune import enable_gradient_checkpointing, set_trainable
+    from paligemma_edu.finetune import enable_gradient_checkpointing, finetune_loss, set_trainable
     from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
     from paligemma_edu.train import answer_loss, fit, param_groups
     transformers.logging.set_verbosity_error()
@@ -275,11 +277,13 @@ def memory_3b_worker(config: str, folder: str, steps: int, threads: int) -> dict
     t0, c0 = time.perf_counter(), cpu_seconds()
     if config.startswith("ours"):
         model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16,
-                                                                  quantize="int4" if config == "ours-qlora" else None)
+                                                                  quantize="int4" if "qlora" in config else None)
         set_trainable(model, "lora", lora_rank=16, lora_alpha=32)
         enable_gradient_checkpointing(model)
         opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
-        loss_fn = lambda micro: answer_loss(model(**batch).logits, labels, per="example")   # as `finetune` computes it
+        if config.endswith("all-logits"):   # the loss as `finetune` computed it before `logits_needed`: every position
+            loss_fn = lambda micro: answer_loss(model(**batch).logits, labels, per="example")
+        else: loss_fn = lambda micro: finetune_loss(model, batch, labels)   # as `finetune` computes it
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import PaliGemmaForConditionalGeneration as HF
@@ -379,7 +383,7 @@ def main(argv=None):
     m.add_argument("--rounds", type=int, default=1); m.add_argument("--steps", type=int, default=2)
     m.add_argument("--keep", action="store_true", help="add the runs to those already in memory_3b.json")
     w3 = sub.choices["memory-3b-worker"]
-    w3.add_argument("--config", choices=("ours-lora", "ours-qlora", "hf-lora")); w3.add_argument("--folder", default=FOLDER_3B)
+    w3.add_argument("--config", choices=CONFIGS_3B); w3.add_argument("--folder", default=FOLDER_3B)
     w3.add_argument("--steps", type=int, default=2)
     a = p.parse_args(argv)
     if a.cmd == "memory-3b-worker":

@@ -326,7 +326,7 @@ def cmd_memory_3b(a):
         print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
     out_path = Path(a.results) / "memory_3b.json"
     res = json.loads(out_path.read_text()) if a.keep and out_path.exists() else dict(runs=[])
-    configs = a.configs.split(",")
+    configs, command = a.configs.split(","), "python benchmarks/transfer.py " + " ".join(sys.argv[1:])
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     for r in range(a.rounds):   # one heavy process at a time; the order alternates round by round
         for config in (configs if r % 2 == 0 else configs[::-1]):
@@ -334,17 +334,18 @@ def cmd_memory_3b(a):
                                 "--steps", str(a.steps), "--threads", str(a.threads)],
                                capture_output=True, text=True, cwd=ROOT, env=env)
             if p.returncode: raise RuntimeError(f"memory-3b worker {config} failed:\n{p.stderr[-3000:]}")
-            row = json.loads(p.stdout.strip().splitlines()[-1]) | dict(round=r, load_average=list(os.getloadavg()))
+            row = json.loads(p.stdout.strip().splitlines()[-1]) | dict(round=r, load_average=list(os.getloadavg()),
+                                                                       command=command)
             res["runs"].append(row)
             print(json.dumps(row), flush=True)
-    pc = PaliGemmaConfig.from_dict(cfg)
+    pc = PaliGemmaConfig.from_dict(json.loads((folder / "config.json").read_text()))   # the weights' own config
     text_tokens = PREFIX_TOKENS + 1 + SUFFIX_TOKENS
     res["predicted_gb"] = {m: round(step_memory(pc, None, m, 1, torch.bfloat16, True, text_tokens=text_tokens,
                                                 lora_rank=16)["total"] / 1e9, 2) for m in ("lora", "qlora")}
     res |= dict(targets_gb=dict(lora=8.0, qlora=4.0), config=str(CONFIG_3B.relative_to(ROOT)), folder=str(folder),
                 folder_gb=round((folder / "model.safetensors").stat().st_size / 1e9, 2), batch_size=1, image_size=224,
                 text_tokens=text_tokens, lora_rank=16, lora_alpha=32, gradient_checkpointing=True, dtype="bfloat16",
-                machine=machine(), command="python benchmarks/transfer.py " + " ".join(sys.argv[1:]))
+                machine=machine(), command=command)
     write_json(out_path, res)
 
 

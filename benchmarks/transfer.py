@@ -6,12 +6,22 @@ training step predicted by `transfer.step_memory` against the peak RSS measured 
     python benchmarks/transfer.py run --data DIR --method lora [--rank 16] [--steps 200] [--lr 1e-3] [--batch-size 32]
                                       [--threads 1] [--n-old 100] [--quantize int4] [--name NAME]
     python benchmarks/transfer.py memory [--sizes tiny,mid] [--threads 1]
+    python benchmarks/transfer.py memory-3b [--folder /tmp/pg3b-bf16] [--configs ours-lora,ours-qlora,hf-lora] [--rounds 1]
+                                           [--steps 2] [--threads 2]
 
 Results are written as JSON to benchmarks/results/transfer/ (`--results` elsewhere): base.json (the bundled model on the
 new task and on its own tasks), NAME.json per run (new-task accuracy before and after, the change of each old task,
-trainable parameters, minutes, CPU minutes, peak RSS), memory.json. `run` trains with `finetune.finetune` (the library's
-one training loop) in this process and measures the peak RSS of this process; `memory` runs each configuration in a
-fresh subprocess.
+trainable parameters, minutes, CPU minutes, peak RSS), memory.json, memory_3b.json. `run` trains with
+`finetune.finetune` (the library's one training loop) in this process and measures the peak RSS of this process;
+`memory` runs each configuration in a fresh subprocess.
+
+`memory-3b`: paligemma-3b-pt-224 shapes (tests/fixtures/configs/paligemma-3b-pt-224.json) with random bfloat16 weights,
+written once to --folder (~5.9 GB, reused if present), batch 1 at 224 px (256 image tokens, 12 text tokens, labels on the
+4-token suffix), gradient checkpointing, LoRA rank 16 on peft's Gemma targets: ours in bfloat16, ours quantized to int4
+while loading (QLoRA), and transformers + peft on the same folder (`-all-logits`: ours with the LM head at every
+position, as before `finetune.logits_needed`); each configuration in a fresh subprocess, its peak RSS
+(ru_maxrss: file pages of the memory-mapped weights count as they are read) and its growth over the loaded model, and
+the wall and CPU seconds of each of --steps AdamW steps through `train.fit` (the loop `finetune` uses).
 """
 from __future__ import annotations
 import argparse
@@ -218,10 +228,131 @@ def cmd_memory(a):
                                                       command="python benchmarks/transfer.py " + " ".join(sys.argv[1:])))
 
 
+# ------------------------------------------------------------------------------------------------- memory at 3B
+CONFIG_3B = ROOT / "tests" / "fixtures" / "configs" / "paligemma-3b-pt-224.json"
+FOLDER_3B = "/tmp/pg3b-bf16"
+CONFIGS_3B = ("ours-lora", "ours-qlora", "hf-lora", "ours-lora-all-logits", "ours-qlora-all-logits")
+PREFIX_TOKENS, SUFFIX_TOKENS = 7, 4   # bos + 6 words | "\n" ... : 12 text tokens after the 256 image tokens
+
+
+def status_mb(field: str) -> float:
+    "A memory field of /proc/self/status (VmRSS: resident now; VmHWM: its peak), in MB."
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"): return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def batch_3b(cfg: dict) -> dict:
+    """A processor-shaped batch of 1: <image> x 256, bos, 6 prefix words, "\n", 3 suffix words, eos; token_type_ids 1 and
+    labels on the suffix (with eos), -100 elsewhere; pixels in [-1, 1], bfloat16."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    v = cfg["vision_config"]
+    n_img = (v["image_size"] // v["patch_size"]) ** 2
+    words = lambda n: torch.randint(3, cfg["image_token_index"], (n,), generator=g).tolist()
+    prefix = [cfg["image_token_index"]] * n_img + [2] + words(PREFIX_TOKENS - 1) + [108]   # 108: "\n" in Gemma's vocabulary
+    suffix = words(SUFFIX_TOKENS - 1) + [1]                                                  # answer + eos
+    ids = torch.tensor([prefix + suffix])                                                    # (1, T)
+    tt = torch.tensor([[0] * len(prefix) + [1] * len(suffix)])
+    labels = torch.where(tt == 1, ids, -100)
+    pix = torch.rand(1, 3, v["image_size"], v["image_size"], generator=g).mul(2).sub(1).bfloat16()
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=tt, pixel_values=pix, labels=labels)
+
+
+def memory_3b_worker(config: str, folder: str, steps: int, threads: int) -> dict:
+    """One 3B configuration in this (fresh) process: load, LoRA rank 16, gradient checkpointing, `steps` AdamW steps
+    through `train.fit`; RSS after the imports and after loading, the peak over all of it, and each step's seconds."""
+    import torch
+    import peft  # noqa: F401  (every configuration imports the same libraries before its baseline)
+    import transformers
+    from paligemma_edu.finetune import enable_gradient_checkpointing, finetune_loss, set_trainable
+    from paligemma_edu.paligemma import PaliGemmaForConditionalGeneration
+    from paligemma_edu.train import answer_loss, fit, param_groups
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    batch = batch_3b(cfg)
+    labels = batch.pop("labels")
+    rss_imports = status_mb("VmRSS")
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    if config.startswith("ours"):
+        model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16,
+                                                                  quantize="int4" if "qlora" in config else None)
+        set_trainable(model, "lora", lora_rank=16, lora_alpha=32)
+        enable_gradient_checkpointing(model)
+        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
+        if config.endswith("all-logits"):   # the loss as `finetune` computed it before `logits_needed`: every position
+            loss_fn = lambda micro: answer_loss(model(**batch).logits, labels, per="example")
+        else: loss_fn = lambda micro: finetune_loss(model, batch, labels)   # as `finetune` computes it
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import PaliGemmaForConditionalGeneration as HF
+        from paligemma_edu.lora import LORA_TARGETS
+        model = HF.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        loss_fn = lambda micro: model(**batch, labels=labels).loss
+    load_s, load_cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+    rss_loaded, hwm_loaded = status_mb("VmRSS"), status_mb("VmHWM")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    marks = [(time.perf_counter(), cpu_seconds())]
+    model.train()
+    hist = fit(opt, loss_fn, steps, 1e-4, warmup=0, clip=1.0, log_every=1, progress=False,
+               on_step=lambda step, h: marks.append((time.perf_counter(), cpu_seconds())))
+    peak = peak_rss_mb()
+    return dict(config=config, threads=threads, steps=steps, trainable_params=trainable, tokens=int(batch["input_ids"].shape[1]),
+                load_s=round(load_s, 1), load_cpu_s=round(load_cpu_s, 1), rss_after_imports_mb=round(rss_imports),
+                rss_loaded_mb=round(rss_loaded), peak_loading_mb=round(hwm_loaded), peak_rss_mb=round(peak),
+                growth_over_loaded_mb=round(peak - rss_loaded),
+                step_s=[round(b[0] - a[0], 1) for a, b in zip(marks, marks[1:])],
+                step_cpu_s=[round(b[1] - a[1], 1) for a, b in zip(marks, marks[1:])],
+                losses=[round(r["loss"], 4) for r in hist], torch=torch.__version__, transformers=transformers.__version__,
+                peft=peft.__version__)
+
+
+def cmd_memory_3b(a):
+    import torch
+    from paligemma_edu.paligemma import PaliGemmaConfig
+    from paligemma_edu.transfer import step_memory
+    sys.path.insert(0, str(HERE))
+    from quantization import write_random_bf16   # the benchmarks' writer of random bf16 checkpoints
+    folder = Path(a.folder)
+    cfg = json.loads(CONFIG_3B.read_text())
+    if not (folder / "model.safetensors").exists():
+        t0 = time.perf_counter()
+        print(f"writing random bf16 weights to {folder} ...", flush=True)
+        write_random_bf16(cfg, folder)
+        print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
+    out_path = Path(a.results) / "memory_3b.json"
+    res = json.loads(out_path.read_text()) if a.keep and out_path.exists() else dict(runs=[])
+    configs, command = a.configs.split(","), "python benchmarks/transfer.py " + " ".join(sys.argv[1:])
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
+    for r in range(a.rounds):   # one heavy process at a time; the order alternates round by round
+        for config in (configs if r % 2 == 0 else configs[::-1]):
+            p = subprocess.run([sys.executable, __file__, "memory-3b-worker", "--config", config, "--folder", str(folder),
+                                "--steps", str(a.steps), "--threads", str(a.threads)],
+                               capture_output=True, text=True, cwd=ROOT, env=env)
+            if p.returncode: raise RuntimeError(f"memory-3b worker {config} failed:\n{p.stderr[-3000:]}")
+            row = json.loads(p.stdout.strip().splitlines()[-1]) | dict(round=r, load_average=list(os.getloadavg()),
+                                                                       command=command)
+            res["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    pc = PaliGemmaConfig.from_dict(json.loads((folder / "config.json").read_text()))   # the weights' own config
+    text_tokens = PREFIX_TOKENS + 1 + SUFFIX_TOKENS
+    res["predicted_gb"] = {m: round(step_memory(pc, None, m, 1, torch.bfloat16, True, text_tokens=text_tokens,
+                                                lora_rank=16)["total"] / 1e9, 2) for m in ("lora", "qlora")}
+    res |= dict(targets_gb=dict(lora=8.0, qlora=4.0), config=str(CONFIG_3B.relative_to(ROOT)), folder=str(folder),
+                folder_gb=round((folder / "model.safetensors").stat().st_size / 1e9, 2), batch_size=1, image_size=224,
+                text_tokens=text_tokens, lora_rank=16, lora_alpha=32, gradient_checkpointing=True, dtype="bfloat16",
+                machine=machine(), command=command)
+    write_json(out_path, res)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("data", "base", "run", "memory", "memory-worker"):
+    for name in ("data", "base", "run", "memory", "memory-worker", "memory-3b", "memory-3b-worker"):
         q = sub.add_parser(name)
         q.add_argument("--results", default=str(RESULTS))
         q.add_argument("--threads", type=int, default=2)
@@ -247,11 +378,22 @@ def main(argv=None):
     w = sub.choices["memory-worker"]
     w.add_argument("--size"); w.add_argument("--method"); w.add_argument("--gc", action="store_true")
     w.add_argument("--batch-size", type=int, default=16)
+    m = sub.choices["memory-3b"]
+    m.add_argument("--folder", default=FOLDER_3B, help="the random bf16 checkpoint (written if absent)")
+    m.add_argument("--configs", default="ours-lora,ours-qlora,hf-lora")
+    m.add_argument("--rounds", type=int, default=1); m.add_argument("--steps", type=int, default=2)
+    m.add_argument("--keep", action="store_true", help="add the runs to those already in memory_3b.json")
+    w3 = sub.choices["memory-3b-worker"]
+    w3.add_argument("--config", choices=CONFIGS_3B); w3.add_argument("--folder", default=FOLDER_3B)
+    w3.add_argument("--steps", type=int, default=2)
     a = p.parse_args(argv)
+    if a.cmd == "memory-3b-worker":
+        print(json.dumps(memory_3b_worker(a.config, a.folder, a.steps, a.threads)))
+        return
     if a.cmd == "memory-worker":
         print(json.dumps(memory_worker(a.size, a.method, a.gc, a.batch_size, a.threads)))
         return
-    dict(data=cmd_data, base=cmd_base, run=cmd_run, memory=cmd_memory)[a.cmd](a)
+    dict(data=cmd_data, base=cmd_base, run=cmd_run, memory=cmd_memory, **{"memory-3b": cmd_memory_3b})[a.cmd](a)
 
 
 if __name__ == "__main__":

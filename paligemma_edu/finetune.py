@@ -35,9 +35,10 @@ from . import lora
 # %% auto #0
 __all__ = ['JSONL_FIELDS', 'METHODS', 'DEFAULT_LR', 'RUN_ONLY', 'CHECKPOINT', 'CHECKPOINT_JSON', 'ADAPTER_FILES', 'MODEL_FILES',
            'read_jsonl', 'JsonlDataset', 'epoch_order', 'EpochBatches', 'default_workers', 'make_loader',
-           'set_trainable', 'FinetuneSettings', 'check_settings', 'total_steps', 'file_digest', 'run_record',
-           'settings_differences', 'save_checkpoint', 'load_checkpoint', 'perplexity', 'predict', 'score_predictions',
-           'load_base', 'check_out', 'enable_gradient_checkpointing', 'write_results', 'OneProcess', 'finetune']
+           'set_trainable', 'logits_needed', 'finetune_loss', 'FinetuneSettings', 'check_settings', 'total_steps',
+           'file_digest', 'run_record', 'settings_differences', 'save_checkpoint', 'load_checkpoint', 'perplexity',
+           'predict', 'score_predictions', 'load_base', 'check_out', 'enable_gradient_checkpointing', 'write_results',
+           'OneProcess', 'finetune']
 
 # %% ../nbs/24_finetune.ipynb #40a1c7fa
 JSONL_FIELDS = ("image", "prefix", "suffix")
@@ -163,6 +164,18 @@ def set_trainable(model, method: str = "full", lora_rank: int = 8, lora_alpha: f
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names: raise ValueError(f"method {method!r} leaves nothing to train in this model")
     return names
+
+# %% ../nbs/24_finetune.ipynb #c0a1f3e3
+def logits_needed(labels) -> int:
+    "How many last positions the loss reads: from the one before the batch's first labelled token to the end."
+    cols = (labels != -100).any(0).nonzero()                        # (C, 1): columns labelled in some example
+    return labels.shape[1] - max(int(cols[0, 0]) - 1, 0) if len(cols) else labels.shape[1]
+
+def finetune_loss(model, batch: dict, labels):
+    "The per-example answer loss (`answer_loss`) of `model` on `batch`, with logits at the `logits_needed` positions only."
+    keep = logits_needed(labels)
+    return answer_loss(model(**batch, logits_to_keep=keep).logits, labels[:, -keep:], per="example")
+
 
 # %% ../nbs/24_finetune.ipynb #b4ffb92e
 @dataclass
@@ -513,7 +526,7 @@ def finetune(settings: FinetuneSettings, out, resume: bool = False, overwrite: b
     def loss_fn(micro: int):
         batch = {k: v.to(dev) for k, v in next(batches).items()}   # micro-batches arrive in order, from `start` on
         labels = batch.pop("labels")
-        return par.mean_loss(answer_loss(model(**batch).logits, labels, per="example"))
+        return par.mean_loss(finetune_loss(model, batch, labels))
 
     def on_step(step: int, hist: list):
         if s.save_every and (step % s.save_every == 0 or step == steps):

@@ -284,7 +284,7 @@ class GemmaForCausalLM(nn.Module):
     def logits(self, h, logits_to_keep: int = 0):  # (B, T, D) -> (B, T', V)
         "LM head (+ final soft-capping) on the last logits_to_keep positions (0 = all)."
         if logits_to_keep: h = h[:, -logits_to_keep:]
-        z = self.lm_head(h)
+        z = self.lm_head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)  # 2-d: a 3-d bf16 input copies the weight
         cap = self.cfg.final_logit_softcapping
         return z if cap is None else soft_cap(z, cap)
 

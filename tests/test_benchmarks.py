@@ -48,3 +48,18 @@ def test_results_go_to_a_new_folder_unless_named():
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "name it with --out" in r.stderr
     assert committed.is_dir()
+
+
+def test_transfer_memory_3b_runs_on_a_tiny_folder(tmp_path):
+    "memory-3b's three configurations on a tiny random bf16 folder: same adapters and first loss in ours and transformers."
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run as bench
+    from quantization import write_random_bf16
+    write_random_bf16(bench.tiny_config(), tmp_path / "tiny-bf16")
+    run(["benchmarks/transfer.py", "memory-3b", "--folder", str(tmp_path / "tiny-bf16"), "--results", str(tmp_path),
+         "--configs", "ours-lora,hf-lora,ours-lora-all-logits,ours-qlora", "--threads", "1"])
+    rows = {r["config"]: r for r in json.loads((tmp_path / "memory_3b.json").read_text())["runs"]}
+    assert rows["ours-lora"]["trainable_params"] == rows["hf-lora"]["trainable_params"] > 0
+    for name in ("ours-lora", "ours-lora-all-logits"):
+        assert abs(rows[name]["losses"][0] - rows["hf-lora"]["losses"][0]) < 2e-2   # bf16 weights, float32 adapters
+    assert all(len(r["step_s"]) == 2 and r["peak_rss_mb"] >= r["rss_loaded_mb"] for r in rows.values())

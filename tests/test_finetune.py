@@ -17,8 +17,8 @@ from paligemma_edu.bundled import load_bundled_model
 from paligemma_edu.generate import answer
 from paligemma_edu.images import load_image
 from paligemma_edu.cli import main
-from paligemma_edu.finetune import (CHECKPOINT, FinetuneSettings, JsonlDataset, check_out, finetune, make_loader,
-                                    read_jsonl, set_trainable)
+from paligemma_edu.finetune import (CHECKPOINT, FinetuneSettings, JsonlDataset, check_out, finetune, finetune_loss,
+                                    logits_needed, make_loader, read_jsonl, set_trainable)
 from paligemma_edu.shapes import make_example
 from paligemma_edu.train import answer_loss, fit, make_batch
 from conftest import max_logit_gap_to_transformers, small_shapes_model
@@ -136,6 +136,26 @@ def test_gradient_accumulation_equals_the_whole_batch(bundled, data):
     (loss4, g4), (loss22, g22) = results
     assert loss22 == pytest.approx(loss4, rel=1e-6)
     for n in g4: torch.testing.assert_close(g22[n], g4[n], rtol=1e-4, atol=1e-7)
+
+
+def test_finetune_loss_reads_only_the_logits_it_needs(bundled, data):
+    "The loss on the last logits_needed positions equals the loss on all of them, and so does every gradient."
+    _, processor = bundled
+    b = make_batch(processor, [JsonlDataset(read_jsonl(data / "train.jsonl"))[i] for i in range(3)])
+    labels = b.pop("labels")
+    keep = logits_needed(labels)
+    assert 1 < keep < labels.shape[1] and not (labels[:, :labels.shape[1] - keep + 1] != -100).any()
+    model = small_shapes_model(processor)
+    results = []
+    for loss_of in (lambda: answer_loss(model(**b).logits, labels, per="example"), lambda: finetune_loss(model, b, labels)):
+        model.zero_grad()
+        loss = loss_of(); loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, g_full), (part, g_part) = results
+    torch.testing.assert_close(part, full)
+    for n in g_full: torch.testing.assert_close(g_part[n], g_full[n])
+    assert logits_needed(torch.full((2, 7), -100)) == 7                  # nothing labelled: every position
+    assert logits_needed(torch.tensor([[-100, -100, 5, 6], [-100, -100, -100, 3]])) == 3
 
 
 def test_set_trainable_methods(bundled):

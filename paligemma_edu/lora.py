@@ -220,13 +220,13 @@ def adapter_config(model, base_model_name_or_path: str | None = None) -> dict:
             "use_rslora": False, "velora_config": None}
 
 def save_adapter(model, folder, base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
-    "Write the adapters in peft's layout (adapter_config.json + adapter_model.safetensors), atomically."
+    "Write the adapters in peft's layout (adapter_config.json + adapter_model.safetensors), atomically, with a manifest."
     if isinstance(folder, str) and not folder.strip(): raise ValueError("the adapter folder is empty ('')")
     folder, cfg = Path(folder), adapter_config(model, base_model_name_or_path)
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{str(folder)!r} is not empty; choose a new folder or pass overwrite=True to replace the "
                               "adapter files in it")
-    with StagedFolder(folder) as st:
+    with StagedFolder(folder, manifest=True) as st:  # loads check each file's sha256 (`core.verified`)
         st.write_text(ADAPTER_CONFIG, json.dumps(cfg, indent=2))
         sd = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
         save_file(sd, str(st.path(ADAPTER_WEIGHTS)), metadata={"format": "pt"})

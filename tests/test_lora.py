@@ -106,8 +106,9 @@ def test_peft_loads_ours(base, tmp_path):
     assert set(sd) == set(mine)
     for k in sd: torch.testing.assert_close(sd[k], mine[k], rtol=0, atol=0)
     torch.testing.assert_close(hf_logits(theirs)[REAL], adapted[REAL], rtol=0, atol=1e-4)
-    # the tied LM head is never adapted, and the folder holds peft's two files
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # the tied LM head is never adapted, and the folder holds peft's two files and our manifest (which peft ignores)
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  "manifest.json"]
 
 
 def to_v4_key(k):
@@ -260,9 +261,30 @@ def test_already_adapted_and_nothing_to_merge(base, tmp_path):
 
 @pytest.fixture
 def saved(base, tmp_path):
+    "An adapter folder as peft writes one (no manifest.json): the checks below are of the files themselves."
     ours = load_ours(base[1])
     add_lora(ours, rank=4, alpha=8)
-    return save_adapter(randomize_(ours), tmp_path / "ad")
+    folder = save_adapter(randomize_(ours), tmp_path / "ad")
+    (folder / "manifest.json").unlink()
+    return folder
+
+
+def test_saved_adapter_is_checked_against_its_manifest(base, tmp_path):
+    "save_adapter records each file's sha256; a changed byte is refused before any tensor reaches the model."
+    ours = load_ours(base[1])
+    add_lora(ours, rank=4, alpha=8)
+    folder = save_adapter(randomize_(ours), tmp_path / "ad")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+    fresh = load_ours(base[1])
+    load_adapter(fresh, folder)                                   # intact: loads
+    f = folder / "adapter_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1                                                 # one bit of the last tensor's bytes
+    f.write_bytes(bytes(data))
+    fresh = load_ours(base[1])
+    with pytest.raises(ValueError, match="is not the file that was saved") as e: load_adapter(fresh, folder)
+    assert "adapter_model.safetensors" in str(e.value)
+    assert not lora_layers(fresh)
 
 
 @pytest.mark.parametrize("edit, msg", [

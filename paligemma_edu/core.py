@@ -27,7 +27,7 @@ from torch import nn
 __all__ = ['MAX_JSON_BYTES', 'MANIFEST', 'JOURNAL', 'MANIFEST_FORMAT', 'pick_device', 'pick_dtype', 'seed_everything',
            'model_device', 'evaluating', 'LayerDiff', 'compare_layers', 'check_regular_file', 'read_json',
            'folder_lock', 'sha256_file', 'finish_commit', 'clean_leftovers', 'read_manifest', 'verified', 'reading',
-           'StagedFolder', 'swap_in_folder', 'finish_swap', 'resolve_folder', 'mask_iou']
+           'StagedFolder', 'swap_in_folder', 'finish_swap', 'resolve_folder', 'user_cache_dir', 'mask_iou']
 
 # %% ../nbs/00_core.ipynb #a4e71a37
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -429,6 +429,12 @@ def resolve_folder(path, allow_patterns=("*.json", "*.safetensors", "tokenizer.m
         raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
     return _download(str(path), list(allow_patterns))  # looks like a Hub repo id: "org/name"
 
+
+# %% ../nbs/00_core.ipynb #9268fe04
+def user_cache_dir() -> Path:
+    "The library's cache folder: $PALIGEMMA_EDU_CACHE, else paligemma_edu under $XDG_CACHE_HOME or ~/.cache."
+    if os.environ.get("PALIGEMMA_EDU_CACHE"): return Path(os.environ["PALIGEMMA_EDU_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "paligemma_edu"
 
 # %% ../nbs/00_core.ipynb #95d7e774
 def mask_iou(pred, target) -> torch.Tensor:

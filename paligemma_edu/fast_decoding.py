@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import model_device
+from .core import model_device, user_cache_dir
 from .attention import kv_bytes_per_token
 from .gemma import GemmaForCausalLM
 from .paligemma import PaliGemmaForConditionalGeneration
@@ -202,10 +202,8 @@ PaliGemmaForConditionalGeneration.static_decoder = GemmaForCausalLM.static_decod
 
 # %% ../nbs/19_fast_decoding.ipynb #9a26948e
 def compile_cache_dir():
-    "Folder of the compile cache: $PALIGEMMA_EDU_CACHE/inductor, else paligemma_edu/inductor under $XDG_CACHE_HOME or ~/.cache."
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = os.environ.get("PALIGEMMA_EDU_CACHE") or user_cache / "paligemma_edu"
-    return Path(root) / "inductor"
+    "Folder of the compile cache: inductor in the library's cache folder (core.user_cache_dir)."
+    return user_cache_dir() / "inductor"
 
 def use_compile_cache():
     "Keep Inductor's on-disk caches in compile_cache_dir(), unless the user set TORCHINDUCTOR_CACHE_DIR; returns the folder."

@@ -5,27 +5,36 @@
 # %% ../nbs/20_quantization.ipynb #2d137d70
 from __future__ import annotations
 import copy
+import ctypes
 import dataclasses
 import fnmatch
 import functools
+import hashlib
 import inspect
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import user_cache_dir
 from .checkpoints import HEAD, QUANT_METHOD, QUANTIZERS, row_blocks
 
 # %% auto #0
-__all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'INT4_DENSE_M', 'INT4_SLICE', 'bits_per_weight', 'weight_counts',
-           'plot_weight_bytes', 'quantize_int8_per_tensor', 'quantize_int8', 'dequantize_int8', 'relative_error',
-           'quantize_int4_symmetric', 'quantize_int4', 'dequantize_int4', 'pack_nibbles', 'unpack_nibbles',
-           'fake_quantize', 'plot_rounding_error', 'layer_errors', 'plot_layer_errors', 'fake_quantize_', 'sensitivity',
-           'plot_sensitivity', 'int4_cpu_layout', 'pack_int4_cpu', 'unpack_int4_cpu', 'pack_int4_cuda', 'Workspace',
-           'compute_dtype', 'int8_matmul', 'int4_matmul_dense', 'check_format', 'QuantLinear', 'QuantEmbedding',
-           'TiedHead', 'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize', 'model_bytes',
-           'quantized_specs', 'prepare_quantized']
+__all__ = ['FORMAT_BITS', 'LAYER_GROUPS', 'SMALL_M', 'INT4_DENSE_M', 'INT4_SLICE', 'INT4_TILE', 'INT4_UNPACK_C',
+           'bits_per_weight', 'weight_counts', 'plot_weight_bytes', 'quantize_int8_per_tensor', 'quantize_int8',
+           'dequantize_int8', 'relative_error', 'quantize_int4_symmetric', 'quantize_int4', 'dequantize_int4',
+           'pack_nibbles', 'unpack_nibbles', 'fake_quantize', 'plot_rounding_error', 'layer_errors',
+           'plot_layer_errors', 'fake_quantize_', 'sensitivity', 'plot_sensitivity', 'int4_cpu_layout', 'pack_int4_cpu',
+           'unpack_int4_cpu', 'pack_int4_cuda', 'Workspace', 'compute_dtype', 'int8_matmul', 'int4_unpack_passes',
+           'int4_unpack_kernel', 'int4_unpack_fused', 'int4_matmul_dense', 'check_format', 'QuantLinear',
+           'QuantEmbedding', 'TiedHead', 'quantization_settings', 'tied_pairs', 'quantization_plan', 'quantize',
+           'model_bytes', 'quantized_specs', 'prepare_quantized']
 
 # %% ../nbs/20_quantization.ipynb #5ed97327
 FORMAT_BITS = {"float32": 32, "bfloat16": 16, "int8": 8, "int4": 4}
@@ -268,7 +277,7 @@ def int8_matmul(x, q, scale, workspace: Workspace | None = None):
     return (outs[0] if len(outs) == 1 else torch.cat(outs, -1)) * scale.to(x.dtype)
 
 # %% ../nbs/20_quantization.ipynb #882ef645
-INT4_SLICE = 1 << 21   # weights per unpacked int4 slice: 4 MB in bfloat16, under glibc's mmap threshold (freed pages are reused)
+INT4_SLICE = 1 << 21   # weights per slice unpacked by torch passes: 4 MB of bfloat16, under glibc's mmap threshold
 
 def _dequant_int4_t(codes, scale_zero, group_size: int):
     "In place: bfloat16 codes (K, n) -> the weight's transpose, (q - 8) s + z with scale_zero (K/G, n, 2) in matching order."
@@ -277,22 +286,110 @@ def _dequant_int4_t(codes, scale_zero, group_size: int):
     torch.addcmul(scale_zero[..., 1].reshape(-1, 1, codes.shape[1]) - 8 * s, wg, s, out=wg)
     return codes
 
-def int4_matmul_dense(x, qweight, scale_zero, group_size: int, elements: int = INT4_SLICE):
-    "x (M, Kp) bfloat16 @ the int4 layer's weight.T -> (M, Np): codes unpacked ~`elements` weights at a time, dense matmul."
+def int4_unpack_passes(qweight, scale_zero, group_size: int, r0: int, n: int, block: int):
+    "Rows r0..r0+n (whole blocks) of an int4 layer -> their transpose (K, n) in bfloat16, by torch passes."
+    Kp, nb = qweight.shape[1] * 2, n // block
+    b = qweight[r0:r0 + n].view(nb, Kp, block // 2).transpose(0, 1).contiguous()     # (K, nb, B/2) bytes, one copy
+    q = torch.empty(Kp, nb, 2, block // 2, dtype=torch.uint8)                        # (K, nb, half, B/2) codes
+    torch.bitwise_and(b, 15, out=q[:, :, 0]); torch.bitwise_right_shift(b, 4, out=q[:, :, 1])
+    return _dequant_int4_t(q.view(Kp, n).to(torch.bfloat16), scale_zero[:, r0:r0 + n], group_size)
+
+# %% ../nbs/20_quantization.ipynb #78644c03
+INT4_TILE = 1 << 19    # weights per slice unpacked by the C kernel: 1 MB of bfloat16, read back from the L2 cache
+
+INT4_UNPACK_C = r"""
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t float_to_bf16(float f) {   /* round to nearest even, as torch does (no NaN can occur here) */
+    uint32_t u; memcpy(&u, &f, 4); return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Rows r0 .. r0 + n of an int4 layer (whole blocks of B <= 64 rows) -> their transpose w (K, n) in bfloat16.
+   packed (Np, K/2): in a block of B rows, byte (k, j) holds row j in its low nibble and row j + B/2 in its high one.
+   scale_zero (K/G, Np, 2) bfloat16. w[k][r] = (q - 8) s + z, computed as the torch passes do: q s + bf16(z - 8 s). */
+void int4_unpack_t(const uint8_t *restrict packed, const uint16_t *restrict scale_zero, uint16_t *restrict w,
+                   int64_t Np, int64_t K, int64_t G, int64_t B, int64_t r0, int64_t n, int threads)
+{
+    const int64_t H = B / 2;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < K / G; g++)
+        for (int64_t b = 0; b < n / B; b++) {
+            float s[64], c[64];                          /* this group's scale and z - 8 s for each row of the block */
+            const int64_t row = r0 + b * B;
+            for (int64_t j = 0; j < B; j++) {
+                const uint16_t *sz = scale_zero + 2 * (g * Np + row + j);
+                s[j] = bf16_to_float(sz[0]);
+                c[j] = bf16_to_float(float_to_bf16(bf16_to_float(sz[1]) - 8.0f * s[j]));
+            }
+            for (int64_t k = g * G; k < (g + 1) * G; k++) {
+                const uint8_t *src = packed + row * (K / 2) + k * H;
+                uint16_t *dst = w + k * n + b * B;
+                for (int64_t j = 0; j < H; j++) dst[j] = float_to_bf16(c[j] + (float)(src[j] & 15) * s[j]);
+                for (int64_t j = 0; j < H; j++) dst[H + j] = float_to_bf16(c[H + j] + (float)(src[j] >> 4) * s[H + j]);
+            }
+        }
+}
+"""
+
+def _vector_flags() -> list:
+    "The instruction set torch itself uses on this CPU (not -march=native: a cache folder may be shared by other CPUs)."
+    return {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+            "AVX2": ["-mavx2", "-mfma", "-mf16c"]}.get(torch.backends.cpu.get_cpu_capability(), [])
+
+def _build_kernel(cc: str, flags: list, lib: Path):
+    "Compile INT4_UNPACK_C into lib: in a temporary folder beside it, then renamed (another process may be building it too)."
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        src, out = Path(tmp) / "int4_unpack.c", Path(tmp) / lib.name
+        src.write_text(INT4_UNPACK_C)
+        done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        if done.returncode: raise OSError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}")
+        os.replace(out, lib)
+
+@functools.cache
+def int4_unpack_kernel():
+    "The C unpack as a ctypes function, compiled once per machine into user_cache_dir()/kernels; None (with a warning) without a compiler."
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    flags = ["-O3", *_vector_flags(), "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256("\n".join([INT4_UNPACK_C, str(cc), *flags]).encode()).hexdigest()[:16]
+    lib = user_cache_dir() / "kernels" / f"int4_unpack-{key}.so"
+    try:
+        if not lib.exists():
+            if cc is None: raise OSError("no C compiler found (cc or gcc on the PATH, or $CC)")
+            _build_kernel(cc, flags, lib)
+        fn = ctypes.CDLL(str(lib)).int4_unpack_t
+    except (OSError, subprocess.SubprocessError) as e:
+        warnings.warn(f"int4 prefill falls back to slower torch operations: the C unpack kernel is unavailable ({e})")
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int], None
+    return fn
+
+def int4_unpack_fused(qweight, scale_zero, group_size: int, r0: int, n: int, block: int):
+    "Rows r0..r0+n (whole blocks) of an int4 layer -> their transpose (K, n) in bfloat16, by the C kernel: bytes read once."
+    Np, Kp = qweight.shape[0], qweight.shape[1] * 2
+    ok = (qweight.dtype == torch.uint8 and scale_zero.dtype == torch.bfloat16 and scale_zero.shape == (Kp // group_size, Np, 2)
+          and block <= 64 and r0 % block == 0 and n % block == 0 and 0 <= r0 and r0 + n <= Np and qweight.device.type == "cpu")
+    if not ok: raise ValueError(f"int4_unpack_fused: rows {r0}..{r0 + n} in blocks of {block} of a ({Np}, {Kp}) CPU layer "
+                                f"with scale_zero {tuple(scale_zero.shape)} {scale_zero.dtype}: not a valid request")
+    qweight, scale_zero = qweight.contiguous(), scale_zero.contiguous()
+    w = torch.empty(Kp, n, dtype=torch.bfloat16)                                     # (K, n)
+    int4_unpack_kernel()(qweight.data_ptr(), scale_zero.data_ptr(), w.data_ptr(), Np, Kp, group_size, block, r0, n,
+                         torch.get_num_threads())
+    return w
+
+# %% ../nbs/20_quantization.ipynb #54ba8200
+def int4_matmul_dense(x, qweight, scale_zero, group_size: int, fused: bool | None = None, elements: int | None = None):
+    "x (M, Kp) bfloat16 @ the int4 layer's weight.T -> (M, Np), unpacked a slice at a time (C kernel if `fused`, default: if built)."
     _, B = int4_cpu_layout()                                                         # a 'halves' layout: blocks of B rows
+    fused = int4_unpack_kernel() is not None if fused is None else fused
+    unpack, elements = (int4_unpack_fused, elements or INT4_TILE) if fused else (int4_unpack_passes, elements or INT4_SLICE)
     M, Kp, Np = x.shape[0], qweight.shape[1] * 2, qweight.shape[0]
     y, full, rows = torch.empty(M, Np, dtype=x.dtype, device=x.device), Np // B * B, max(B, elements // Kp // B * B)
     for r0 in range(0, full, rows):
         n = min(rows, full - r0)
-        nb = n // B
-        b = qweight[r0:r0 + n].view(nb, Kp, B // 2).transpose(0, 1).contiguous()     # (K, nb, B/2) bytes, one copy
-        q = torch.empty(Kp, 2, nb, B // 2, dtype=torch.uint8, device=x.device)      # (K, half, nb, B/2) codes
-        torch.bitwise_and(b, 15, out=q[:, 0]); torch.bitwise_right_shift(b, 4, out=q[:, 1])
-        w = q.view(Kp, n).to(x.dtype)                                                # one conversion pass
-        sz = scale_zero[:, r0:r0 + n].view(-1, nb, 2, B // 2, 2).transpose(1, 2)   # (K/G, half, nb, B/2, 2)
-        w = _dequant_int4_t(w.view(Kp, n), sz.reshape(-1, n, 2), group_size)
-        yc = (x @ w).view(M, 2, nb, B // 2).transpose(1, 2)                          # (M, nb, half, B/2)
-        y[:, r0:r0 + n].view(M, nb, 2, B // 2).copy_(yc)                             # back in row order
+        y[:, r0:r0 + n] = x @ unpack(qweight, scale_zero, group_size, r0, n, B)     # (M, K) @ (K, n)
     if Np > full:  # the last, partial block is packed in pairs: row 2j low, 2j + 1 high
         b = qweight[full:].reshape(Kp, (Np - full) // 2)                             # (K, rows/2)
         w = torch.stack([b & 15, b >> 4], -1).reshape(Kp, Np - full).to(x.dtype)    # (K, rows)

@@ -109,6 +109,74 @@ def test_int4_dense_path_same_result_in_any_slicing():
         assert torch.equal(int4_matmul_dense(x, layer.qweight, layer.scale_zero, 64, elements=320 * 64 * blocks), whole)
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_c_unpack_gives_the_same_bits_as_the_torch_passes(group_size):
+    "The C kernel and the torch passes compute the same float operations: equal weights and equal prefill outputs."
+    from paligemma_edu.quantization import int4_cpu_layout, int4_matmul_dense, int4_unpack_fused, int4_unpack_kernel, int4_unpack_passes
+    if int4_cpu_layout()[0] != "halves": pytest.skip("this CPU's int4 layout keeps the kernel for every row count")
+    if int4_unpack_kernel() is None: pytest.skip("no C compiler here: the torch passes are the only unpack")
+    torch.manual_seed(2)
+    layer = QuantLinear.from_linear(nn.Linear(384, 2096).bfloat16(), 4, group_size)  # 32 blocks of 64 rows + a partial one
+    B = int4_cpu_layout()[1]
+    for r0, n in ((0, B), (B, 5 * B), (0, 2048)):
+        fused = int4_unpack_fused(layer.qweight, layer.scale_zero, group_size, r0, n, B)
+        assert torch.equal(fused, int4_unpack_passes(layer.qweight, layer.scale_zero, group_size, r0, n, B))
+    w = layer.dequantize(padded=True)[:2048].T                                         # (K, n) float32 reference
+    sz = layer.scale_zero[:, :2048].float().repeat_interleave(group_size, 0)          # (K, n, 2)
+    offset = sz[..., 1] - 8 * sz[..., 0]                                               # z - 8s, rounded to bfloat16 first
+    assert ((fused.float() - w).abs() <= 2 ** -8 * (offset.abs() + w.abs())).all()   # two bfloat16 roundings
+    x = torch.randn(70, 384).bfloat16()
+    assert torch.equal(int4_matmul_dense(x, layer.qweight, layer.scale_zero, group_size, fused=True),
+                       int4_matmul_dense(x, layer.qweight, layer.scale_zero, group_size, fused=False))
+
+
+def test_int4_c_unpack_refuses_a_request_outside_the_layer():
+    "The kernel reads raw memory: rows past the end, rows not on a block boundary or a wrong dtype are refused first."
+    from paligemma_edu.quantization import int4_cpu_layout, int4_unpack_fused, int4_unpack_kernel
+    if int4_cpu_layout()[0] != "halves" or int4_unpack_kernel() is None: pytest.skip("no C unpack on this machine")
+    layer, B = QuantLinear.from_linear(nn.Linear(128, 256), 4), int4_cpu_layout()[1]
+    for r0, n in ((0, 320), (B // 2, B), (-B, B)):
+        with pytest.raises(ValueError, match="not a valid request"): int4_unpack_fused(layer.qweight, layer.scale_zero, 64, r0, n, B)
+    with pytest.raises(ValueError, match="not a valid request"):
+        int4_unpack_fused(layer.qweight, layer.scale_zero.float(), 64, 0, B, B)
+
+
+def test_int4_prefill_without_a_c_compiler_warns_and_uses_the_passes(tmp_path, monkeypatch):
+    "No compiler (CC pointing nowhere, an empty cache): one warning naming the cause, and the same outputs by torch passes."
+    import paligemma_edu.quantization as Q
+    if Q.int4_cpu_layout()[0] != "halves": pytest.skip("this CPU's int4 layout keeps the kernel for every row count")
+    torch.manual_seed(3)
+    layer = QuantLinear.from_linear(nn.Linear(256, 512, bias=False).bfloat16(), 4)
+    x = torch.randn(Q.INT4_DENSE_M, 256).bfloat16()
+    expected = Q.int4_matmul_dense(x, layer.qweight, layer.scale_zero, 64, fused=False)
+    monkeypatch.setenv("PALIGEMMA_EDU_CACHE", str(tmp_path)); monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    Q.int4_unpack_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="falls back to slower torch operations.*no-such-cc"):
+            assert Q.int4_unpack_kernel() is None
+        with torch.no_grad(): assert torch.equal(layer(x), expected)
+        assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())  # nothing half-written left
+    finally:
+        Q.int4_unpack_kernel.cache_clear()
+
+
+def test_int4_c_unpack_is_built_once_into_the_cache_folder(tmp_path, monkeypatch):
+    "A fresh cache folder gets one library (and no leftovers); the next process loads it and compiles nothing."
+    import paligemma_edu.quantization as Q
+    if Q.int4_cpu_layout()[0] != "halves": pytest.skip("this CPU's int4 layout keeps the kernel for every row count")
+    monkeypatch.setenv("PALIGEMMA_EDU_CACHE", str(tmp_path))
+    Q.int4_unpack_kernel.cache_clear()
+    try:
+        if Q.int4_unpack_kernel() is None: pytest.skip("no C compiler here")
+        libs = list((tmp_path / "kernels").iterdir())
+        assert len(libs) == 1 and libs[0].suffix == ".so"
+        Q.int4_unpack_kernel.cache_clear()                                              # as in a new process
+        monkeypatch.setattr(Q, "_build_kernel", lambda *a: pytest.fail("compiled a second time"))
+        assert Q.int4_unpack_kernel() is not None and list((tmp_path / "kernels").iterdir()) == libs
+    finally:
+        Q.int4_unpack_kernel.cache_clear()
+
+
 def test_int8_layers_of_a_model_share_one_workspace(bundled):
     "quantize gives one Workspace to all the int8 layers of a model (none to a layer made alone, none shared between models)."
     import paligemma_edu.quantization as Q

@@ -350,7 +350,7 @@ def _build_kernel(cc: str, flags: list, lib: Path):
 
 @functools.cache
 def int4_unpack_kernel():
-    "The C unpack as a ctypes function, compiled once per machine into user_cache_dir()/kernels; None (with a warning) without a compiler."
+    "The C unpack (ctypes), compiled once per machine into user_cache_dir()/kernels; None, with a warning, if it cannot be."
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     flags = ["-O3", *_vector_flags(), "-fopenmp", "-shared", "-fPIC"]
     key = hashlib.sha256("\n".join([INT4_UNPACK_C, str(cc), *flags]).encode()).hexdigest()[:16]
@@ -381,7 +381,7 @@ def int4_unpack_fused(qweight, scale_zero, group_size: int, r0: int, n: int, blo
 
 # %% ../nbs/20_quantization.ipynb #54ba8200
 def int4_matmul_dense(x, qweight, scale_zero, group_size: int, fused: bool | None = None, elements: int | None = None):
-    "x (M, Kp) bfloat16 @ the int4 layer's weight.T -> (M, Np), unpacked a slice at a time (C kernel if `fused`, default: if built)."
+    "x (M, Kp) bfloat16 @ the int4 layer's weight.T -> (M, Np), unpacked a slice at a time (in C if `fused`; default: if built)."
     _, B = int4_cpu_layout()                                                         # a 'halves' layout: blocks of B rows
     fused = int4_unpack_kernel() is not None if fused is None else fused
     unpack, elements = (int4_unpack_fused, elements or INT4_TILE) if fused else (int4_unpack_passes, elements or INT4_SLICE)

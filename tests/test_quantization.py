@@ -112,7 +112,8 @@ def test_int4_dense_path_same_result_in_any_slicing():
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_c_unpack_gives_the_same_bits_as_the_torch_passes(group_size):
     "The C kernel and the torch passes compute the same float operations: equal weights and equal prefill outputs."
-    from paligemma_edu.quantization import int4_cpu_layout, int4_matmul_dense, int4_unpack_fused, int4_unpack_kernel, int4_unpack_passes
+    from paligemma_edu.quantization import (int4_cpu_layout, int4_matmul_dense, int4_unpack_fused, int4_unpack_kernel,
+                                            int4_unpack_passes)
     if int4_cpu_layout()[0] != "halves": pytest.skip("this CPU's int4 layout keeps the kernel for every row count")
     if int4_unpack_kernel() is None: pytest.skip("no C compiler here: the torch passes are the only unpack")
     torch.manual_seed(2)
@@ -136,7 +137,8 @@ def test_int4_c_unpack_refuses_a_request_outside_the_layer():
     if int4_cpu_layout()[0] != "halves" or int4_unpack_kernel() is None: pytest.skip("no C unpack on this machine")
     layer, B = QuantLinear.from_linear(nn.Linear(128, 256), 4), int4_cpu_layout()[1]
     for r0, n in ((0, 320), (B // 2, B), (-B, B)):
-        with pytest.raises(ValueError, match="not a valid request"): int4_unpack_fused(layer.qweight, layer.scale_zero, 64, r0, n, B)
+        with pytest.raises(ValueError, match="not a valid request"):
+            int4_unpack_fused(layer.qweight, layer.scale_zero, 64, r0, n, B)
     with pytest.raises(ValueError, match="not a valid request"):
         int4_unpack_fused(layer.qweight, layer.scale_zero.float(), 64, 0, B, B)
 

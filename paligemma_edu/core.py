@@ -4,6 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #b187e753
 from __future__ import annotations
+import ctypes
 import glob
 import hashlib
 import json
@@ -11,6 +12,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import tempfile
 from contextlib import ExitStack, contextmanager
 import stat
 import uuid
@@ -27,7 +30,8 @@ from torch import nn
 __all__ = ['MAX_JSON_BYTES', 'MANIFEST', 'JOURNAL', 'MANIFEST_FORMAT', 'pick_device', 'pick_dtype', 'seed_everything',
            'model_device', 'evaluating', 'LayerDiff', 'compare_layers', 'check_regular_file', 'read_json',
            'folder_lock', 'sha256_file', 'finish_commit', 'clean_leftovers', 'read_manifest', 'verified', 'reading',
-           'StagedFolder', 'swap_in_folder', 'finish_swap', 'resolve_folder', 'user_cache_dir', 'mask_iou']
+           'StagedFolder', 'swap_in_folder', 'finish_swap', 'resolve_folder', 'user_cache_dir', 'vector_flags',
+           'build_c_library', 'mask_iou']
 
 # %% ../nbs/00_core.ipynb #a4e71a37
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -435,6 +439,29 @@ def user_cache_dir() -> Path:
     "The library's cache folder: $PALIGEMMA_EDU_CACHE, else paligemma_edu under $XDG_CACHE_HOME or ~/.cache."
     if os.environ.get("PALIGEMMA_EDU_CACHE"): return Path(os.environ["PALIGEMMA_EDU_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "paligemma_edu"
+
+def vector_flags() -> list:
+    "C compiler flags for the vector instructions torch itself uses on this CPU (AVX-512, AVX2 or none)."
+    return {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+            "AVX2": ["-mavx2", "-mfma", "-mf16c"]}.get(torch.backends.cpu.get_cpu_capability(), [])
+
+def build_c_library(name: str, source: str) -> ctypes.CDLL:
+    "C source compiled once per machine into user_cache_dir()/kernels and loaded; OSError if it cannot be."
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    flags = ["-O3", *vector_flags(), "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256("\n".join([source, str(cc), *flags]).encode()).hexdigest()[:16]
+    lib = user_cache_dir() / "kernels" / f"{name}-{key}.so"
+    if not lib.exists():
+        if cc is None: raise OSError("no C compiler found (cc or gcc on the PATH, or $CC)")
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+            src, out = Path(tmp) / f"{name}.c", Path(tmp) / lib.name
+            src.write_text(source)
+            try: done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+            except subprocess.SubprocessError as e: raise OSError(f"{cc} did not finish: {e}") from None
+            if done.returncode: raise OSError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}")
+            os.replace(out, lib)
+    return ctypes.CDLL(str(lib))
 
 # %% ../nbs/00_core.ipynb #95d7e774
 def mask_iou(pred, target) -> torch.Tensor:

@@ -9,12 +9,7 @@ import ctypes
 import dataclasses
 import fnmatch
 import functools
-import hashlib
 import inspect
-import os
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import user_cache_dir
+from .core import build_c_library
 from .checkpoints import HEAD, QUANT_METHOD, QUANTIZERS, row_blocks
 
 # %% auto #0
@@ -341,34 +336,11 @@ void int4_unpack_t(const uint8_t *restrict packed, const uint16_t *restrict scal
 }
 """
 
-def _vector_flags() -> list:
-    "The instruction set torch itself uses on this CPU (not -march=native: a cache folder may be shared by other CPUs)."
-    return {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-            "AVX2": ["-mavx2", "-mfma", "-mf16c"]}.get(torch.backends.cpu.get_cpu_capability(), [])
-
-def _build_kernel(cc: str, flags: list, lib: Path):
-    "Compile INT4_UNPACK_C into lib: in a temporary folder beside it, then renamed (another process may be building it too)."
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        src, out = Path(tmp) / "int4_unpack.c", Path(tmp) / lib.name
-        src.write_text(INT4_UNPACK_C)
-        done = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
-        if done.returncode: raise OSError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}")
-        os.replace(out, lib)
-
 @functools.cache
 def int4_unpack_kernel():
-    "The C unpack (ctypes), compiled once per machine into user_cache_dir()/kernels; None, with a warning, if it cannot be."
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    flags = ["-O3", *_vector_flags(), "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256("\n".join([INT4_UNPACK_C, str(cc), *flags]).encode()).hexdigest()[:16]
-    lib = user_cache_dir() / "kernels" / f"int4_unpack-{key}.so"
-    try:
-        if not lib.exists():
-            if cc is None: raise OSError("no C compiler found (cc or gcc on the PATH, or $CC)")
-            _build_kernel(cc, flags, lib)
-        fn = ctypes.CDLL(str(lib)).int4_unpack_t
-    except (OSError, subprocess.SubprocessError) as e:
+    "The C unpack as a ctypes function (built once per machine: core.build_c_library); None, with a warning, if it cannot be."
+    try: fn = build_c_library("int4_unpack", INT4_UNPACK_C).int4_unpack_t
+    except OSError as e:
         warnings.warn(f"int4 prefill falls back to slower torch operations: the C unpack kernel is unavailable ({e})")
         return None
     fn.argtypes, fn.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int], None

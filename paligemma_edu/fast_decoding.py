@@ -4,24 +4,30 @@
 
 # %% ../nbs/19_fast_decoding.ipynb #86ddf8fb
 from __future__ import annotations
+import contextlib
+import ctypes
+import functools
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .core import model_device, user_cache_dir
+from .core import build_c_library, model_device, user_cache_dir
 from .attention import kv_bytes_per_token
 from .gemma import GemmaForCausalLM
 from .paligemma import PaliGemmaForConditionalGeneration
 from .generate import decode_loop, next_token
 
 # %% auto #0
-__all__ = ['MATMUL_OPS', 'FAST_MODES', 'CHECK_EVERY', 'profile_step', 'plot_step_breakdown', 'decode_bytes_per_step',
-           'StaticDecodeStep', 'StaticDecoder', 'CUDAGraphStep', 'compile_reduce_overhead', 'resolve_mode',
-           'length_bucket', 'get_decoder', 'static_decoder', 'compile_cache_dir', 'use_compile_cache',
-           'plot_decode_times']
+__all__ = ['MATMUL_OPS', 'MATVEC_C', 'FAST_MODES', 'CHECK_EVERY', 'profile_step', 'plot_step_breakdown', 'decode_bytes_per_step',
+           'matvec_kernel', 'MatVecMode', 'StaticDecodeStep', 'StaticDecoder', 'CUDAGraphStep',
+           'compile_reduce_overhead', 'resolve_mode', 'length_bucket', 'get_decoder', 'static_decoder',
+           'compile_cache_dir', 'use_compile_cache', 'plot_decode_times']
 
 # %% ../nbs/19_fast_decoding.ipynb #3b03130e
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
@@ -70,12 +76,78 @@ def decode_bytes_per_step(model, batch_size: int = 1, seq_len: int = 0, bytes_pe
     kv = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, bytes_per_value)
     return n * bytes_per_value + batch_size * seq_len * kv
 
+# %% ../nbs/19_fast_decoding.ipynb #f6233edf
+MATVEC_C = r"""
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+#define AS_IS(v) (v)
+
+/* y (N) = W (N, K) x (K) in float32; W float32 or bfloat16 (widened exactly). One dot product per output over a
+   contiguous row of W: 16 partial sums (a vector register) walk the row, then are added; OpenMP splits the rows. */
+#define MATVEC(NAME, WTYPE, WIDEN)                                                                          \
+void NAME(const WTYPE *restrict W, const float *restrict x, float *restrict y, int64_t N, int64_t K, int threads) \
+{                                                                                                           \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                                      \
+    for (int64_t n = 0; n < N; n++) {                                                                       \
+        const WTYPE *w = W + n * K;                                                                         \
+        float acc[16] = {0}, s = 0;                                                                         \
+        int64_t k = 0;                                                                                      \
+        for (; k + 16 <= K; k += 16)                                                                        \
+            for (int j = 0; j < 16; j++) acc[j] += WIDEN(w[k + j]) * x[k + j];                             \
+        for (int j = 0; j < 16; j++) s += acc[j];                                                           \
+        for (; k < K; k++) s += WIDEN(w[k]) * x[k];                                                         \
+        y[n] = s;                                                                                           \
+    }                                                                                                       \
+}
+MATVEC(matvec_f32, float, AS_IS)
+MATVEC(matvec_bf16, uint16_t, bf16_to_float)
+"""
+
+@functools.cache
+def matvec_kernel():
+    "The C matrix-vector products {dtype: ctypes function}, built once per machine; None, with a warning, if they cannot be."
+    try: lib = build_c_library("matvec", MATVEC_C)
+    except OSError as e:
+        warnings.warn(f"compiled CPU decoding keeps torch's matrix products: the C matrix-vector kernel is unavailable ({e})")
+        return None
+    fns = {torch.float32: lib.matvec_f32, torch.bfloat16: lib.matvec_bf16}
+    for f in fns.values(): f.argtypes, f.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int], None
+    return fns
+
+def _matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    "x (K,) @ w (N, K).T -> (N,) in x's dtype, by the C kernel (float32 sums)."
+    if not (x.dim() == 1 and w.dim() == 2 and x.shape[0] == w.shape[1] and w.is_contiguous() and w.device.type == "cpu"
+            and w.dtype in (torch.float32, torch.bfloat16)):
+        raise ValueError(f"matvec needs x (K,) and a contiguous float32 or bfloat16 CPU w (N, K); got x {tuple(x.shape)}, "
+                         f"w {tuple(w.shape)} {w.dtype} on {w.device}")
+    xf, y = x.float().contiguous(), torch.empty(w.shape[0])                          # (K,), (N,)
+    matvec_kernel()[w.dtype](w.data_ptr(), xf.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
+    return y.to(x.dtype)
+
+if not hasattr(torch.ops.paligemma_edu, "matvec"):  # once per process (a notebook runs this cell after the import did)
+    torch.library.custom_op("paligemma_edu::matvec", mutates_args=())(_matvec).register_fake(lambda x, w: x.new_empty(w.shape[0]))
+
+class MatVecMode(TorchFunctionMode):
+    "Inside it, F.linear of one activation row (CPU, float32 or bfloat16, no autograd) runs paligemma_edu::matvec."
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w, b = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+            if (x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16) and w.dim() == 2
+                    and w.is_contiguous() and x.numel() == x.shape[-1] and not torch.is_grad_enabled()):
+                y = torch.ops.paligemma_edu.matvec(x.reshape(-1), w).reshape(*x.shape[:-1], w.shape[0])  # (..., N)
+                return y if b is None else y + b
+        return func(*args, **kwargs)
+
 # %% ../nbs/19_fast_decoding.ipynb #4c091dae
 class StaticDecodeStep(nn.Module):
     "One decode step with the same shapes at every call: the model's own forward over a StaticKVCache."
-    def __init__(self, model, batch_size: int, max_len: int):
+    def __init__(self, model, batch_size: int, max_len: int, matvec: bool = False):
         super().__init__()
         self.lm, self.offset = model.text_model, model.position_offset
+        self.matvec = matvec and matvec_kernel() is not None                  # one-row products by the C kernel
         self.kv = self.lm.new_cache(batch_size, max_len, static=True)      # (B, K, L, Dh) per layer, slot, valid
         self.slot = self.kv.slot                                              # (1,) where this step writes
 
@@ -89,7 +161,8 @@ class StaticDecodeStep(nn.Module):
         return self.kv.state_tensors()
 
     def forward(self, tok):  # (B,) -> logits (B, V)
-        return self.lm(tok[:, None], cache=self.kv, position_offset=self.offset).logits[:, -1]
+        with MatVecMode() if self.matvec else contextlib.nullcontext():
+            return self.lm(tok[:, None], cache=self.kv, position_offset=self.offset).logits[:, -1]
 
 # %% ../nbs/19_fast_decoding.ipynb #7e8ecaac
 FAST_MODES = ("static", "inductor", "cuda-graph", "reduce-overhead")
@@ -99,7 +172,8 @@ class StaticDecoder:
     "A static step, in one of FAST_MODES, for one batch size and cache length; runs generate's loop, reusable."
     def __init__(self, model, batch_size: int, max_len: int, mode: str = "static"):
         if mode not in FAST_MODES: raise ValueError(f"mode must be one of {FAST_MODES}; found {mode!r}")
-        self.step, self.run = StaticDecodeStep(model, batch_size, max_len), None
+        cpu = next(model.parameters()).device.type == "cpu"                  # compiled on a CPU: the C matrix-vector products
+        self.step, self.run = StaticDecodeStep(model, batch_size, max_len, matvec=mode == "inductor" and cpu), None
         if mode in ("inductor", "reduce-overhead"): use_compile_cache()
         if mode == "static": self.run = self.step
         elif mode == "inductor": self.run = torch.compile(self.step, fullgraph=True, dynamic=False)

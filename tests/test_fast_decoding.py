@@ -215,3 +215,64 @@ def test_cuda_paths_match_eager(mode):
     for _ in range(2):  # captured once, replayed on the second call
         assert torch.equal(generate(ours, ids, pix, am, tt, max_new_tokens=N_NEW, eos_token_id=eos, pad_token_id=0,
                                     compile=mode), eager)
+
+
+@pytest.mark.parametrize("gemma2", [False, True])
+def test_compiled_batch_one_runs_the_c_matvec_and_gives_eager_tokens(gemma2):
+    "compile=True at batch 1 on the CPU: every one-row product goes through paligemma_edu::matvec; the tokens are eager's."
+    from torch.profiler import profile
+    from paligemma_edu.fast_decoding import matvec_kernel
+    if matvec_kernel() is None: pytest.skip("no C compiler here: compiled decoding keeps torch's products")
+    ours = tiny(gemma2=gemma2)
+    ids, pix, am, tt = prompts(3, (5,))
+    eager = generate(ours, ids, pix, am, tt, max_new_tokens=N_NEW, eos_token_id=[])
+    assert torch.equal(generate(ours, ids, pix, am, tt, max_new_tokens=N_NEW, eos_token_id=[], compile=True), eager)
+    with profile() as prof: generate(ours, ids, pix, am, tt, max_new_tokens=4, eos_token_id=[], compile=True)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    layers = ours.text_model.cfg.num_hidden_layers
+    assert calls.get("paligemma_edu::matvec", 0) == 3 * (7 * layers + 1)  # 3 steps x (q, k, v, o, gate, up, down + head)
+    assert next(iter(ours.static_decoders.values())).step.matvec
+
+
+def test_matvec_op_and_mode():
+    "The C product equals torch's within float32 rounding (any width); MatVecMode routes one row without autograd only."
+    import torch.nn.functional as F
+    from paligemma_edu.fast_decoding import MatVecMode, matvec_kernel
+    if matvec_kernel() is None: pytest.skip("no C compiler here")
+    torch.manual_seed(0)
+    for N, K in ((300, 48), (7, 15), (2048, 512)):
+        W, x = torch.randn(N, K), torch.randn(K)
+        torch.testing.assert_close(torch.ops.paligemma_edu.matvec(x, W), W.double().mv(x.double()).float(), rtol=1e-5,
+                                   atol=1e-5 * K ** 0.5)
+        Wb, xb = W.bfloat16(), x.bfloat16()
+        ref = (Wb.double() @ xb.double()).to(torch.bfloat16)                             # exact sums, one rounding
+        err = (torch.ops.paligemma_edu.matvec(xb, Wb).double() - ref.double()).abs()
+        assert (err <= 2 ** -8 * ref.double().abs() + 1e-6 * K).all()
+    lin = torch.nn.Linear(16, 8)
+    with torch.no_grad(), MatVecMode():
+        torch.testing.assert_close(lin(torch.ones(1, 1, 16)), F.linear(torch.ones(1, 1, 16), lin.weight, lin.bias))
+    with profile_ops() as ops:
+        with torch.no_grad(), MatVecMode(): lin(torch.ones(1, 16))
+        with torch.no_grad(), MatVecMode(): lin(torch.ones(2, 16))                        # two rows: torch's product
+        with MatVecMode(): lin(torch.ones(1, 16))                                         # autograd on: torch's product
+    assert ops() == {"paligemma_edu::matvec": 1}
+    with pytest.raises(ValueError, match="matvec needs"): torch.ops.paligemma_edu.matvec(torch.ones(3), torch.ones(4, 5))
+    with pytest.raises(ValueError, match="matvec needs"): torch.ops.paligemma_edu.matvec(torch.ones(5), torch.ones(5, 4).T)
+
+
+def profile_ops():
+    "A context manager whose value, called after it closes, counts the custom paligemma_edu operators that ran."
+    import contextlib
+    from torch.profiler import profile
+    @contextlib.contextmanager
+    def ctx():
+        with profile() as prof: yield lambda: {e.key: e.count for e in prof.key_averages() if e.key.startswith("paligemma_edu::")}
+    return ctx()
+
+
+def test_static_decoder_without_a_c_compiler_keeps_torch_products(monkeypatch):
+    "No kernel (the build failed): the compiled step is built without MatVecMode."
+    import paligemma_edu.fast_decoding as FD
+    monkeypatch.setattr(FD, "matvec_kernel", lambda: None)
+    ours = tiny()
+    assert not StaticDecoder(ours, 1, 64, "inductor").step.matvec

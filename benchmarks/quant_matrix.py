@@ -205,7 +205,8 @@ def kernel_prefill(rows: int = 264, reps: int = 5) -> dict:
     q4, q8 = QuantLinear.from_linear(lin, 4), QuantLinear.from_linear(lin, 8, workspace=Workspace())  # as in a model
     x = torch.randn(rows, 2048).bfloat16()
     calls = {"bfloat16 matmul": lambda: lin(x), "int8 layer": lambda: q8(x),
-             "int4 layer (unpacked, dense matmul)": lambda: int4_matmul_dense(x, q4.qweight, q4.scale_zero, 64),
+             "int4 layer (C unpack, dense matmul)": lambda: int4_matmul_dense(x, q4.qweight, q4.scale_zero, 64, fused=True),
+             "int4 layer (torch passes, dense matmul)": lambda: int4_matmul_dense(x, q4.qweight, q4.scale_zero, 64, fused=False),
              "int4 kernel": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4.qweight, 64, q4.scale_zero)}
     out = {}
     with torch.inference_mode():
@@ -231,7 +232,8 @@ def main(argv=None):
                     help="wall time, or this process's CPU time (with --threads 1: robust to other work on the machine)")
     ap.add_argument("--append", action="store_true",
                     help="keep the results already in --out, replacing those of the same size and dtype")
-    ap.add_argument("--kernel-prefill", action="store_true", help="only time one 3b MLP layer at 264 rows, every format")
+    ap.add_argument("--kernel-prefill", action="store_true",
+                    help="only time one 3b MLP layer at 264 rows, every format (appended to --out/kernel_prefill.json)")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -241,8 +243,16 @@ def main(argv=None):
     NOW = CLOCKS[a.clock]
     if a.clock == "cpu" and a.threads != 1: ap.error("--clock cpu counts the CPU time of all threads: use --threads 1")
     bench._torch(a.threads)
-    if a.kernel_prefill:
-        print(json.dumps({k: round(v, 1) for k, v in kernel_prefill().items()})); return
+    if a.kernel_prefill:  # appended to --out/kernel_prefill.json
+        run = dict(command="python benchmarks/quant_matrix.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), clock=a.clock, threads=a.threads,
+                   ms={k: round(v, 1) for k, v in kernel_prefill().items()})
+        f = out / "kernel_prefill.json"
+        runs = json.loads(f.read_text())["runs"] if f.exists() else []
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernel_prefill.json.tmp").write_text(json.dumps({"runs": runs + [run]}, indent=1))
+        os.replace(out / "kernel_prefill.json.tmp", f)
+        print(json.dumps(run["ms"])); return
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     modes = [m for m in a.modes.split(",") if m]
     if bad := set(modes) - set(MODES): ap.error(f"unknown modes {sorted(bad)}; expected some of {MODES}")

@@ -4,7 +4,6 @@
 
 # %% ../nbs/19_fast_decoding.ipynb #86ddf8fb
 from __future__ import annotations
-import contextlib
 import ctypes
 import functools
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .core import build_c_library, model_device, user_cache_dir
 from .attention import kv_bytes_per_token
@@ -25,7 +23,7 @@ from .generate import decode_loop, next_token
 
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'MATVEC_C', 'FAST_MODES', 'CHECK_EVERY', 'profile_step', 'plot_step_breakdown', 'decode_bytes_per_step',
-           'matvec_kernel', 'MatVecMode', 'StaticDecodeStep', 'StaticDecoder', 'CUDAGraphStep',
+           'matvec_kernel', 'matvec_backend', 'StaticDecodeStep', 'StaticDecoder', 'CUDAGraphStep',
            'compile_reduce_overhead', 'resolve_mode', 'length_bucket', 'get_decoder', 'static_decoder',
            'compile_cache_dir', 'use_compile_cache', 'plot_decode_times']
 
@@ -129,25 +127,32 @@ def _matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 if not hasattr(torch.ops.paligemma_edu, "matvec"):  # once per process (a notebook runs this cell after the import did)
     torch.library.custom_op("paligemma_edu::matvec", mutates_args=())(_matvec).register_fake(lambda x, w: x.new_empty(w.shape[0]))
 
-class MatVecMode(TorchFunctionMode):
-    "Inside it, F.linear of one activation row (CPU, float32 or bfloat16, no autograd) runs paligemma_edu::matvec."
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, w, b = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
-            if (x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in (torch.float32, torch.bfloat16) and w.dim() == 2
-                    and w.is_contiguous() and x.numel() == x.shape[-1] and not torch.is_grad_enabled()):
-                y = torch.ops.paligemma_edu.matvec(x.reshape(-1), w).reshape(*x.shape[:-1], w.shape[0])  # (..., N)
-                return y if b is None else y + b
-        return func(*args, **kwargs)
+def matvec_backend(gm: torch.fx.GraphModule, example_inputs):
+    "A torch.compile backend: Inductor, after each F.linear of one activation row (CPU, float32 or bfloat16) became matvec."
+    from torch._inductor.compile_fx import compile_fx  # here: Inductor is slow to import
+    g = gm.graph
+    for node in [n for n in g.nodes if n.op == "call_function" and n.target is F.linear]:
+        x, w, b = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        xv, wv = x.meta["example_value"], w.meta["example_value"]                    # fake tensors: shapes, dtypes
+        if not (xv.device.type == "cpu" and xv.dtype == wv.dtype and wv.dtype in (torch.float32, torch.bfloat16)
+                and wv.dim() == 2 and wv.is_contiguous() and xv.numel() == xv.shape[-1] and not xv.requires_grad):
+            continue
+        with g.inserting_before(node):
+            y = g.call_function(torch.ops.paligemma_edu.matvec.default, (g.call_function(torch.reshape, (x, (-1,))), w))  # (N,)
+            y = g.call_function(torch.reshape, (y, (*xv.shape[:-1], wv.shape[0])))                                      # (..., N)
+            if b is not None: y = g.call_function(torch.add, (y, b))
+        y.meta["example_value"] = node.meta["example_value"]                          # what later nodes (and caches) read
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+    gm.recompile()
+    return compile_fx(gm, example_inputs)
 
 # %% ../nbs/19_fast_decoding.ipynb #4c091dae
 class StaticDecodeStep(nn.Module):
     "One decode step with the same shapes at every call: the model's own forward over a StaticKVCache."
-    def __init__(self, model, batch_size: int, max_len: int, matvec: bool = False):
+    def __init__(self, model, batch_size: int, max_len: int):
         super().__init__()
         self.lm, self.offset = model.text_model, model.position_offset
-        self.matvec = matvec and matvec_kernel() is not None                  # one-row products by the C kernel
         self.kv = self.lm.new_cache(batch_size, max_len, static=True)      # (B, K, L, Dh) per layer, slot, valid
         self.slot = self.kv.slot                                              # (1,) where this step writes
 
@@ -161,8 +166,7 @@ class StaticDecodeStep(nn.Module):
         return self.kv.state_tensors()
 
     def forward(self, tok):  # (B,) -> logits (B, V)
-        with MatVecMode() if self.matvec else contextlib.nullcontext():
-            return self.lm(tok[:, None], cache=self.kv, position_offset=self.offset).logits[:, -1]
+        return self.lm(tok[:, None], cache=self.kv, position_offset=self.offset).logits[:, -1]
 
 # %% ../nbs/19_fast_decoding.ipynb #7e8ecaac
 FAST_MODES = ("static", "inductor", "cuda-graph", "reduce-overhead")
@@ -172,11 +176,14 @@ class StaticDecoder:
     "A static step, in one of FAST_MODES, for one batch size and cache length; runs generate's loop, reusable."
     def __init__(self, model, batch_size: int, max_len: int, mode: str = "static"):
         if mode not in FAST_MODES: raise ValueError(f"mode must be one of {FAST_MODES}; found {mode!r}")
+        self.step, self.run = StaticDecodeStep(model, batch_size, max_len), None
         cpu = next(model.parameters()).device.type == "cpu"                  # compiled on a CPU: the C matrix-vector products
-        self.step, self.run = StaticDecodeStep(model, batch_size, max_len, matvec=mode == "inductor" and cpu), None
+        self.matvec = mode == "inductor" and cpu and matvec_kernel() is not None
         if mode in ("inductor", "reduce-overhead"): use_compile_cache()
         if mode == "static": self.run = self.step
-        elif mode == "inductor": self.run = torch.compile(self.step, fullgraph=True, dynamic=False)
+        elif mode == "inductor":
+            backend = matvec_backend if self.matvec else "inductor"
+            self.run = torch.compile(self.step, backend=backend, fullgraph=True, dynamic=False)
         elif mode == "reduce-overhead": self.run = compile_reduce_overhead(self.step)
         # "cuda-graph": captured at the first generate call (CUDAGraphStep)
 

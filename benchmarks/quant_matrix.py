@@ -188,12 +188,17 @@ def table(results: list, bw: float) -> str:
     return "\n".join(rows) + f"\n\nMemory bandwidth measured in the same process, same clock: {' / '.join(bws)} GB/s."
 
 
+def write_atomic(path: Path, text: str):
+    "Write text to a temporary name beside path, then rename it over path."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text); os.replace(tmp, path)
+
+
 def write_report(out: Path, info: dict):
-    out.mkdir(parents=True, exist_ok=True)
     info["table_md"] = table(info["results"], info["bandwidth_Bps"])
-    for name, text in (("quant_matrix.json", json.dumps(info, indent=1)), ("quant_matrix.md", info["table_md"] + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text); os.replace(tmp, out / name)
+    write_atomic(out / "quant_matrix.json", json.dumps(info, indent=1))
+    write_atomic(out / "quant_matrix.md", info["table_md"] + "\n")
     return out / "quant_matrix.md"
 
 
@@ -249,9 +254,7 @@ def main(argv=None):
                    ms={k: round(v, 1) for k, v in kernel_prefill().items()})
         f = out / "kernel_prefill.json"
         runs = json.loads(f.read_text())["runs"] if f.exists() else []
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "kernel_prefill.json.tmp").write_text(json.dumps({"runs": runs + [run]}, indent=1))
-        os.replace(out / "kernel_prefill.json.tmp", f)
+        write_atomic(f, json.dumps({"runs": runs + [run]}, indent=1))
         print(json.dumps(run["ms"])); return
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
     modes = [m for m in a.modes.split(",") if m]

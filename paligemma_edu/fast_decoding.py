@@ -177,8 +177,8 @@ class StaticDecoder:
     def __init__(self, model, batch_size: int, max_len: int, mode: str = "static"):
         if mode not in FAST_MODES: raise ValueError(f"mode must be one of {FAST_MODES}; found {mode!r}")
         self.step, self.run = StaticDecodeStep(model, batch_size, max_len), None
-        cpu = next(model.parameters()).device.type == "cpu"                  # compiled on a CPU: the C matrix-vector products
-        self.matvec = mode == "inductor" and cpu and matvec_kernel() is not None
+        cpu = model_device(model).type == "cpu"                              # compiled on a CPU at batch 1: the C products
+        self.matvec = mode == "inductor" and cpu and batch_size == 1 and matvec_kernel() is not None
         if mode in ("inductor", "reduce-overhead"): use_compile_cache()
         if mode == "static": self.run = self.step
         elif mode == "inductor":

@@ -1,4 +1,5 @@
 """The fixed-shape decode step (`generate(..., compile=...)`) gives the eager loop's tokens, and transformers' (float32)."""
+import contextlib
 import copy
 import gc
 import importlib
@@ -260,14 +261,11 @@ def test_matvec_op_and_backend():
     with pytest.raises(ValueError, match="matvec needs"): torch.ops.paligemma_edu.matvec(torch.ones(5), torch.ones(5, 4).T)
 
 
+@contextlib.contextmanager
 def profile_ops():
-    "A context manager whose value, called after it closes, counts the custom paligemma_edu operators that ran."
-    import contextlib
+    "Profile the block; the value, called after it closes, counts the custom paligemma_edu operators that ran."
     from torch.profiler import profile
-    @contextlib.contextmanager
-    def ctx():
-        with profile() as prof: yield lambda: {e.key: e.count for e in prof.key_averages() if e.key.startswith("paligemma_edu::")}
-    return ctx()
+    with profile() as prof: yield lambda: {e.key: e.count for e in prof.key_averages() if e.key.startswith("paligemma_edu::")}
 
 
 def test_static_decoder_without_a_c_compiler_keeps_torch_products(monkeypatch):
